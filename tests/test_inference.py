@@ -1,0 +1,254 @@
+"""Whole-image, sliding-window and multi-scale + flip inference, and single-process evaluation.
+
+The stub networks are per-pixel (1x1 conv) or translation-equivariant (3x3 convs), so the expected
+outputs can be derived independently; ``naive_multiscale`` is the plain one-window-one-flip-at-a-
+time loop the batched implementation must reproduce. ``FakeDataset`` and the stubs are shared with
+the export and distributed tests.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segkit.engine.inference import evaluate, predict_multiscale, predict_single
+from segkit.errors import ConfigError
+from segkit.metrics import ConfusionMatrix
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class PixelNet(nn.Module):
+    """Per-pixel class scores: flip- and scale-equivariant, no context at all."""
+
+    def __init__(self, num_classes: int, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, num_classes, 1)
+
+    def forward(self, x):
+        return {"out": self.conv(x)}
+
+
+class ConvNet(nn.Module):
+    """Two zero-padded 3x3 convs: translation-equivariant with a 2-pixel reach."""
+
+    def __init__(self, num_classes: int, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(8, num_classes, 3, padding=1))
+
+    def forward(self, x):
+        return {"out": self.body(x)}
+
+
+class StrideNet(PixelNet):
+    """Refuses inputs that are not a multiple of its output stride, as a real backbone would
+    misalign them."""
+
+    def forward(self, x):
+        assert x.shape[-2] % 8 == 0 and x.shape[-1] % 8 == 0, x.shape
+        return super().forward(x)
+
+
+class FakeDataset:
+    """Follows the segkit dataset contract (ADE20K-style submission: prediction + 1)."""
+
+    def __init__(self, sizes, num_classes=4, seed=0, unlabelled=()):
+        rng = np.random.default_rng(seed)
+        self.num_classes = num_classes
+        self.classes = [f"class{i}" for i in range(num_classes)]
+        self.ignore_index = 255
+        self.palette = rng.integers(0, 256, (num_classes, 3), dtype=np.uint8)
+        self.images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+        self.masks = []
+        for i, image in enumerate(self.images):
+            # Labels correlated with the colour so that a PixelNet gets some classes right.
+            mask = (image.astype(int).sum(-1) * num_classes // 766).astype(np.uint8)
+            mask[rng.random(mask.shape) < 0.1] = 255
+            self.masks.append(None if i in unlabelled else mask)
+
+    def __len__(self):
+        return len(self.images)
+
+    def load(self, i):
+        return self.images[i], self.masks[i]
+
+    def name(self, i):
+        return f"city{i % 2}/img_{i:03d}"
+
+    def encode_prediction(self, pred):
+        return (pred + 1).astype(np.uint8)
+
+
+def normalise(image: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+    return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+
+
+def naive_multiscale(model, image, scales, flip, base_size, crop, num_classes, pad=(0, 0, 0)):
+    h, w = image.shape[1:]
+    stride = int(crop * 2 / 3)
+    total = torch.zeros(num_classes, h, w)
+    for scale in scales:
+        long_side = math.ceil(base_size * scale)
+        if h > w:
+            sh, sw = long_side, int(w * long_side / h + 0.5)
+        else:
+            sh, sw = int(h * long_side / w + 0.5), long_side
+        ph, pw = max(sh, crop), max(sw, crop)
+        img = torch.tensor(pad, dtype=torch.float32).view(3, 1, 1).repeat(1, ph, pw)
+        img[:, :sh, :sw] = F.interpolate(image[None], (sh, sw), mode="bilinear",
+                                         align_corners=False)[0]
+        for mirrored in (False, True) if flip else (False,):
+            acc, count = torch.zeros(num_classes, ph, pw), torch.zeros(ph, pw)
+            for y in list(range(0, ph - crop, stride)) + [ph - crop]:
+                for x in list(range(0, pw - crop, stride)) + [pw - crop]:
+                    win = img[None, :, y:y + crop, x:x + crop]
+                    if mirrored:
+                        prob = model(win.flip(-1))["out"].softmax(1).flip(-1)[0]
+                    else:
+                        prob = model(win)["out"].softmax(1)[0]
+                    acc[:, y:y + crop, x:x + crop] += prob
+                    count[y:y + crop, x:x + crop] += 1
+            out = (acc / count)[None, :, :sh, :sw]
+            total += F.interpolate(out, (h, w), mode="bilinear", align_corners=False)[0]
+    return total
+
+
+@torch.inference_mode()
+def test_predict_single_pads_to_output_stride_and_crops_back():
+    model = StrideNet(5).eval()
+    image = torch.randn(2, 3, 37, 50)
+    logits = predict_single(model, image)
+    torch.testing.assert_close(logits, model.conv(image))
+    labels = predict_single(model, image[0], argmax=True)
+    assert labels.shape == (37, 50)
+    assert torch.equal(labels, model.conv(image[:1]).argmax(1)[0])
+
+
+@pytest.mark.parametrize("crop", [64, 24], ids=["whole", "sliding"])
+@torch.inference_mode()
+def test_native_scale_with_flip_is_twice_the_softmax(crop):
+    # At scale 1 of the image's own size a per-pixel network gives the same probabilities in
+    # every window and in the mirrored copy, so the sum is exactly 2 x softmax.
+    model = PixelNet(4).eval()
+    image = torch.randn(3, 40, 56)
+    probs = predict_multiscale(model, image, [1.0], True, 56, crop, 4)
+    torch.testing.assert_close(probs, 2 * model.conv(image[None]).softmax(1)[0])
+
+
+@torch.inference_mode()
+def test_multiscale_flip_recovers_blocky_label_map():
+    num_classes, block = 3, 12
+    labels = torch.randint(0, num_classes, (4, 6), generator=torch.Generator().manual_seed(0))
+    labels = labels.repeat_interleave(block, 0).repeat_interleave(block, 1)  # 48 x 72
+    model = PixelNet(num_classes).eval()
+    with torch.no_grad():
+        model.conv.weight.copy_(10 * torch.eye(3).view(3, 3, 1, 1))
+        model.conv.bias.zero_()
+    image = F.one_hot(labels, num_classes).permute(2, 0, 1).float()
+    probs = predict_multiscale(model, image, [0.5, 0.75, 1.0, 1.5], True, 64, 40, num_classes,
+                               max_batch=5)
+    assert probs.shape == (num_classes, 48, 72)
+    torch.testing.assert_close(probs.sum(0), torch.full((48, 72), 8.0))
+    # Away from block edges every scale sees a pure colour, whatever the resizing.
+    inner = torch.zeros(block, dtype=torch.bool)
+    inner[3:-3] = True
+    keep = inner.repeat(4)[:, None] & inner.repeat(6)[None, :]
+    assert torch.equal(probs.argmax(0)[keep], labels[keep])
+    labels_out = predict_multiscale(model, image, [0.5, 1.0], False, 64, 40, num_classes,
+                                    argmax=True)
+    assert torch.equal(labels_out[keep], labels[keep])
+
+
+@torch.inference_mode()
+def test_sliding_window_equals_whole_image_away_from_window_borders():
+    model = ConvNet(4).eval()
+    image = torch.randn(3, 40, 56)
+    whole = predict_multiscale(model, image, [1.0], False, 56, 64, 4)
+    # Padding the bottom/right to the crop differs from the net's own zero padding only within
+    # its 2-pixel reach of the border (the hidden layer is not zero there).
+    direct = model(image[None])["out"].softmax(1)[0]
+    torch.testing.assert_close(whole[:, :-2, :-2], direct[:, :-2, :-2])
+    sliding = predict_multiscale(model, image, [1.0], False, 56, 24, 4)
+    # crop 24, stride 16: rows start at 0, 16 and columns at 0, 16, 32, so window edges inside
+    # the image lie at rows 16, 24 and columns 16..40; keep 2 pixels away from them and from the
+    # bottom/right border.
+    rows = torch.ones(40, dtype=torch.bool)
+    rows[14:26] = rows[-2:] = False
+    cols = torch.ones(56, dtype=torch.bool)
+    cols[14:42] = cols[-2:] = False
+    clean = rows[:, None] & cols[None, :]
+    torch.testing.assert_close(sliding[:, clean], whole[:, clean])
+    assert (sliding - whole).abs().amax() > 1e-3  # windows really were used
+
+
+@pytest.mark.parametrize("size", [(45, 61), (61, 45)], ids=["landscape", "portrait"])
+@torch.inference_mode()
+def test_batched_multiscale_flip_equals_naive_loop(size):
+    model = ConvNet(5).eval()
+    image = torch.randn(3, *size)
+    # base 48, crop 32: scale 0.5 fits the crop, the others slide (0.75 also pads its short side).
+    args = ([0.5, 0.75, 1.0, 1.25], True, 48, 32, 5)
+    expected = naive_multiscale(model, image, *args)
+    torch.testing.assert_close(predict_multiscale(model, image, *args, max_batch=3), expected)
+    torch.testing.assert_close(predict_multiscale(model, image, *args, max_batch=64), expected)
+
+
+@torch.inference_mode()
+def test_autocast_bf16_on_cpu_is_close():
+    model = ConvNet(4).eval()
+    image = torch.randn(3, 30, 40)
+    args = ([0.75, 1.0], True, 40, 32, 4)
+    ref = predict_multiscale(model, image, *args)
+    low = predict_multiscale(model, image, *args, autocast="bf16")
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, ref, atol=0.05, rtol=0)
+    with pytest.raises(ConfigError, match="'fp8'"):
+        predict_multiscale(model, image, *args, autocast="fp8")
+
+
+def test_evaluate_single_scale_matches_direct_scoring():
+    ds = FakeDataset([(20, 30), (33, 17), (24, 24), (9, 40)], unlabelled={2})
+    model = PixelNet(ds.num_classes).train()
+    seen = []
+    res = evaluate(model, ds, num_workers=0, progress=False,
+                   callback=lambda i, img, mask, pred: seen.append((i, mask is None, pred.shape)))
+    assert model.training  # restored
+    assert seen == [(i, i == 2, ds.images[i].shape[:2]) for i in range(4)]
+    expected = ConfusionMatrix(ds.num_classes)
+    with torch.inference_mode():
+        for image, mask in zip(ds.images, ds.masks):
+            if mask is not None:
+                pred = model.eval()(normalise(image)[None])["out"].argmax(1)[0]
+                expected.update(pred, torch.from_numpy(mask))
+    assert res == {**expected.compute(), "num_images": 4, "seconds": res["seconds"]}
+
+
+def test_evaluate_multiscale_with_loader_workers():
+    ds = FakeDataset([(20, 30), (33, 17), (24, 24)])
+    model = ConvNet(ds.num_classes)
+    res = evaluate(model, ds, scales=[0.75, 1.0], flip=True, base_size=32, crop_size=24,
+                   convention="all", num_workers=1, progress=False)
+    expected = ConfusionMatrix(ds.num_classes)
+    with torch.inference_mode():
+        for image, mask in zip(ds.images, ds.masks):
+            probs = naive_multiscale(model.eval(), normalise(image), [0.75, 1.0], True, 32, 24,
+                                     ds.num_classes, pad=[-m / s for m, s in zip(MEAN, STD)])
+            expected.update(probs.argmax(0), torch.from_numpy(mask))
+    assert torch.equal(torch.tensor(res["IoU"]).nan_to_num(-1),
+                       torch.tensor(expected.compute()["IoU"]).nan_to_num(-1))
+    assert res["convention"] == "all" and res["mIoU"] == res["mIoU_all"]
+
+
+def test_evaluate_rejects_incomplete_multiscale_config():
+    ds = FakeDataset([(8, 8)])
+    with pytest.raises(ConfigError, match="base_size and crop_size"):
+        evaluate(PixelNet(4), ds, scales=[1.0], crop_size=8, num_workers=0)
+    with pytest.raises(ConfigError, match="flip=true"):
+        evaluate(PixelNet(4), ds, flip=True, num_workers=0)
