@@ -26,6 +26,12 @@ from segkit.errors import ConfigError, DataError
 CONVENTIONS = ("all", "present")
 
 
+def check_convention(convention: str) -> None:
+    """Raise ConfigError unless ``convention`` is one of :data:`CONVENTIONS`."""
+    if convention not in CONVENTIONS:
+        raise ConfigError(f"mIoU convention must be one of {CONVENTIONS}, got {convention!r}")
+
+
 class ConfusionMatrix:
     """``num_classes`` x ``num_classes`` counts, rows = ground truth, columns = prediction.
 
@@ -89,8 +95,7 @@ class ConfusionMatrix:
         class: non-empty union); ``convention``; ``labelled_pixels``, ``ignored_pixels``.
         With no labelled pixel at all, pixAcc, mAcc, fwIoU and mIoU_present are NaN.
         """
-        if convention not in CONVENTIONS:
-            raise ConfigError(f"mIoU convention must be one of {CONVENTIONS}, got {convention!r}")
+        check_convention(convention)
         if self.invalid:
             raise DataError(
                 f"{self.invalid} pixels have a label outside [0, {self.num_classes}) that is not "

@@ -246,9 +246,11 @@ def test_evaluate_multiscale_with_loader_workers():
     assert res["convention"] == "all" and res["mIoU"] == res["mIoU_all"]
 
 
-def test_evaluate_rejects_incomplete_multiscale_config():
+def test_evaluate_rejects_bad_config_before_running():
     ds = FakeDataset([(8, 8)])
     with pytest.raises(ConfigError, match="base_size and crop_size"):
         evaluate(PixelNet(4), ds, scales=[1.0], crop_size=8, num_workers=0)
     with pytest.raises(ConfigError, match="flip=true"):
         evaluate(PixelNet(4), ds, flip=True, num_workers=0)
+    with pytest.raises(ConfigError, match="'mean'"):
+        evaluate(PixelNet(4), ds, convention="mean", num_workers=0)

@@ -8,7 +8,7 @@ itself because it reads raw uint8 images from the dataset.
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from segkit.engine import distributed
 from segkit.errors import ConfigError
-from segkit.metrics import ConfusionMatrix
+from segkit.metrics import ConfusionMatrix, check_convention
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,6 +35,8 @@ ImageCallback = Callable[[int, np.ndarray, np.ndarray | None, np.ndarray], None]
 
 
 class SegDataset(Protocol):
+    """What :func:`evaluate` uses of a segkit dataset (masks: train ids, ignore_index elsewhere)."""
+
     num_classes: int
     ignore_index: int
 
@@ -84,6 +86,7 @@ def _forward(model: nn.Module, x: torch.Tensor, autocast: AutocastDtype) -> torc
     return logits.float()
 
 
+@torch.inference_mode()
 def predict_single(model: nn.Module, image: torch.Tensor, *, pad_multiple: int = 8,
                    pad_value: PadValue = 0.0, autocast: AutocastDtype = None,
                    argmax: bool = False) -> torch.Tensor:
@@ -109,40 +112,45 @@ def _window_starts(length: int, crop: int, stride: int) -> list[int]:
     return [min(i * stride, length - crop) for i in range(count)]
 
 
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+class _ScaleView:
+    """The image at one scale, padded to at least the crop, with its crop-size windows and the
+    probabilities accumulated over them (allocated on first use, freed by :meth:`finish`).
+    ``pending`` counts the window forwards (``copies`` per window: 2 with flip) still to add."""
+
+    def __init__(self, image: torch.Tensor, size: tuple[int, int], crop: int,
+                 pad_value: PadValue, copies: int) -> None:
+        self.size = size
+        self.crop = crop
+        self.image = _pad(_resize(image[None], size)[0], max(size[0], crop), max(size[1], crop),
+                          pad_value)
+        height, width = self.image.shape[-2:]
+        stride = int(crop * 2 / 3)
+        self.boxes = [(y, x) for y in _window_starts(height, crop, stride)
+                      for x in _window_starts(width, crop, stride)]
+        self.pending = len(self.boxes) * copies
+        self.probs: torch.Tensor | None = None
+
+    def window(self, y: int, x: int, mirrored: bool) -> torch.Tensor:
+        win = self.image[:, y:y + self.crop, x:x + self.crop]
+        return win.flip(-1) if mirrored else win
+
+    def add(self, probs: torch.Tensor, y: int, x: int, mirrored: bool) -> None:
+        if self.probs is None:
+            self.probs = probs.new_zeros((probs.shape[0], *self.image.shape[-2:]))
+        self.probs[:, y:y + self.crop, x:x + self.crop] += probs.flip(-1) if mirrored else probs
+        self.pending -= 1
+
+    def finish(self, out_size: tuple[int, int]) -> torch.Tensor:
+        """Overlaps averaged, padding cropped off, resized to ``out_size``."""
+        count = torch.zeros_like(self.probs[:1])
+        for y, x in self.boxes:
+            count[:, y:y + self.crop, x:x + self.crop] += 1
+        probs = (self.probs / count)[None, :, :self.size[0], :self.size[1]]
+        self.probs = None
+        return _resize(probs, out_size)[0]
 
 
-def _sliding_probs(model: nn.Module, image: torch.Tensor, crop: int, flip: bool,
-                   num_classes: int, max_batch: int,
-                   autocast: AutocastDtype) -> torch.Tensor:
-    """Softmax probabilities over an image at least ``crop`` x ``crop``: windows of ``crop`` with
-    stride ``int(crop * 2 / 3)``, overlaps averaged, flips summed.
-
-    All windows of the image and their flipped copies go through the model together, in
-    batches of ``max_batch``, so the device is not starved by one small forward per window.
-    """
-    _, height, width = image.shape
-    stride = int(crop * 2 / 3)
-    boxes = [(y, x) for y in _window_starts(height, crop, stride)
-             for x in _window_starts(width, crop, stride)]
-    flips = (False, True) if flip else (False,)
-    jobs = [(y, x, mirrored) for y, x in boxes for mirrored in flips]
-    probs = image.new_zeros((num_classes, height, width), dtype=torch.float32)
-    for chunk in _chunks(jobs, max_batch):
-        windows = [image[:, y:y + crop, x:x + crop] for y, x, _ in chunk]
-        batch = torch.stack([win.flip(-1) if mirrored else win
-                             for win, (_, _, mirrored) in zip(windows, chunk)])
-        out = _forward(model, batch, autocast).softmax(1)
-        for p, (y, x, mirrored) in zip(out, chunk):
-            probs[:, y:y + crop, x:x + crop] += p.flip(-1) if mirrored else p
-    count = image.new_zeros((1, height, width), dtype=torch.float32)
-    for y, x in boxes:
-        count[:, y:y + crop, x:x + crop] += 1
-    return probs / count
-
-
+@torch.inference_mode()
 def predict_multiscale(model: nn.Module, image: torch.Tensor, scales: Sequence[float], flip: bool,
                        base_size: int, crop_size: int, num_classes: int, *, max_batch: int = 8,
                        pad_value: PadValue = 0.0, autocast: AutocastDtype = None,
@@ -156,6 +164,11 @@ def predict_multiscale(model: nn.Module, image: torch.Tensor, scales: Sequence[f
     ``flip`` the mirrored windows are run too and un-mirrored. Each scale's map is resized back
     to H x W and the maps are summed over scales and flips.
 
+    Every window is crop x crop whatever the scale, so the windows of all scales and their
+    mirrored copies are stacked into forwards of ``max_batch`` images: a few full batches instead
+    of one small forward per window keep the device busy. Each scale's probability map lives
+    only until its last window is done.
+
     Returns float32 probabilities C x H x W that sum to ``len(scales) * (2 if flip else 1)`` per
     pixel (divide by that for a mean), or their argmax H x W when ``argmax``.
 
@@ -167,15 +180,23 @@ def predict_multiscale(model: nn.Module, image: torch.Tensor, scales: Sequence[f
     The model must be in eval mode.
     """
     _, h, w = image.shape
-    total = image.new_zeros((num_classes, h, w), dtype=torch.float32)
+    flips = (False, True) if flip else (False,)
+    views = []
     for scale in scales:
         long_side = math.ceil(base_size * scale)
-        short_side = int(min(h, w) * long_side / max(h, w) + 0.5)
+        short_side = max(1, int(min(h, w) * long_side / max(h, w) + 0.5))
         size = (long_side, short_side) if h > w else (short_side, long_side)
-        scaled = _resize(image[None], size)[0]
-        padded = _pad(scaled, max(size[0], crop_size), max(size[1], crop_size), pad_value)
-        probs = _sliding_probs(model, padded, crop_size, flip, num_classes, max_batch, autocast)
-        total += _resize(probs[None, :, :size[0], :size[1]], (h, w))[0]
+        views.append(_ScaleView(image, size, crop_size, pad_value, len(flips)))
+    jobs = [(view, y, x, mirrored) for view in views for y, x in view.boxes for mirrored in flips]
+    total = image.new_zeros((num_classes, h, w), dtype=torch.float32)
+    for start in range(0, len(jobs), max_batch):
+        chunk = jobs[start:start + max_batch]
+        batch = torch.stack([view.window(y, x, mirrored) for view, y, x, mirrored in chunk])
+        out = _forward(model, batch, autocast).softmax(1)
+        for probs, (view, y, x, mirrored) in zip(out, chunk):
+            view.add(probs, y, x, mirrored)
+            if view.pending == 0:
+                total += view.finish((h, w))
     return total.argmax(0) if argmax else total
 
 
@@ -215,6 +236,7 @@ def evaluate(model: nn.Module, dataset: SegDataset, *, scales: Sequence[float] |
     predicted and passed to ``callback`` but not scored. The result also holds ``num_images``
     (over all ranks) and ``seconds`` (this rank's wall time).
     """
+    check_convention(convention)  # now rather than after the whole dataset
     if scales is None and flip:
         raise ConfigError("flip=true needs multi-scale evaluation: set scales (e.g. [1.0]) "
                           "together with base_size and crop_size")
@@ -237,7 +259,6 @@ def evaluate(model: nn.Module, dataset: SegDataset, *, scales: Sequence[float] |
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    images = torch.zeros((), dtype=torch.int64, device=device)
     try:
         with torch.inference_mode():
             for index, image, mask in loader:
@@ -255,14 +276,13 @@ def evaluate(model: nn.Module, dataset: SegDataset, *, scales: Sequence[float] |
                 if callback is not None:
                     callback(int(index), image.numpy(), None if mask is None else mask.numpy(),
                              pred.cpu().numpy())
-                images += 1
                 bar.update()
     finally:
         bar.close()
         model.train(was_training)
     seconds = time.perf_counter() - start
     confmat.reduce_from_all_processes()
-    distributed.all_reduce(images)
+    images = distributed.all_reduce(torch.tensor(len(shard), device=device))
     result = confmat.compute(convention)
     result.update(num_images=int(images), seconds=seconds)
     return result
