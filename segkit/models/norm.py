@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -35,3 +37,17 @@ def get_norm_layer(name: str) -> NormLayer:
     if name not in NORM_LAYERS:
         raise ConfigError(f"unknown norm {name!r}; valid choices: {', '.join(NORM_LAYERS)}")
     return NORM_LAYERS[name]
+
+
+def norm_pooled(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply ``norm`` to a globally pooled (N x C x 1 x 1) tensor, also for a batch of one.
+
+    With one image per process a BatchNorm after a global pool sees one value per channel, where
+    batch statistics are undefined (PyTorch raises; the original ResNeSt code crashes there). Such
+    a step is normalised with the running statistics, as in eval mode, and leaves them unchanged.
+    SyncBatchNorm is exempt: it pools the statistics of all ranks.
+    """
+    if (norm.training and x.shape[0] == 1 and isinstance(norm, nn.modules.batchnorm._BatchNorm)
+            and not isinstance(norm, nn.SyncBatchNorm) and norm.running_mean is not None):
+        return F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
+    return norm(x)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segkit.errors import ConfigError
-from segkit.models.norm import NormLayer
+from segkit.models.norm import NormLayer, norm_pooled
 
 
 class SplitAttention(nn.Module):
@@ -56,17 +56,6 @@ class SplitAttention(nn.Module):
         self.bn1 = norm_layer(inter_channels)
         self.fc2 = nn.Conv2d(inter_channels, channels * radix, 1, groups=cardinality)
 
-    def _attention_norm(self, x: torch.Tensor) -> torch.Tensor:
-        # After the global pool a batch of one has a single value per channel, where batch
-        # statistics are undefined (plain BatchNorm raises, the original code crashes). Normalise
-        # that step with the running statistics, as in eval mode, and leave them unchanged.
-        # SyncBatchNorm is exempt: it pools the statistics of all ranks.
-        bn = self.bn1
-        if (self.training and x.shape[0] == 1 and isinstance(bn, nn.modules.batchnorm._BatchNorm)
-                and not isinstance(bn, nn.SyncBatchNorm) and bn.running_mean is not None):
-            return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-        return bn(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn0(self.conv(x)), inplace=True)
         if self.radix > 1:
@@ -76,7 +65,7 @@ class SplitAttention(nn.Module):
         else:
             gap = x
         gap = gap.mean(dim=(2, 3), keepdim=True)
-        attn = self.fc2(F.relu(self._attention_norm(self.fc1(gap)), inplace=True))
+        attn = self.fc2(F.relu(norm_pooled(self.bn1, self.fc1(gap)), inplace=True))
         if self.radix > 1:
             # fc2 is grouped by cardinality, so its channels are (card, radix, c); the splits are
             # radix-major (radix, card, c): softmax over radix, then flatten to the split layout.

@@ -1,0 +1,70 @@
+"""A backbone of the ResNeSt family joined with the DeepLabV3 head (and the auxiliary FCN head)."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segkit.errors import ConfigError
+from segkit.models.heads import ASPP_RATES, DeepLabV3Head, FCNHead
+from segkit.models.norm import get_norm_layer
+from segkit.models.pretrained import load_pretrained
+from segkit.models.resnest import ResNeSt, create_backbone
+
+
+class Segmentor(nn.Module):
+    """DeepLabV3 on a dilated backbone.
+
+    ``forward`` returns ``{"out": logits}`` at the input size, plus ``"aux"`` (the FCN head on c3)
+    while training. Logits are upsampled bilinearly with ``align_corners`` as configured (the
+    original code uses True).
+    """
+
+    def __init__(self, backbone: ResNeSt, num_classes: int, aux: bool = True, channels: int = 256,
+                 aspp_dropout: float = 0.5, dropout: float = 0.1, aux_dropout: float = 0.1,
+                 align_corners: bool = True, norm_layer=nn.BatchNorm2d) -> None:
+        super().__init__()
+        if backbone.output_stride not in ASPP_RATES:
+            raise ConfigError(f"DeepLabV3 needs a backbone output_stride of 8 or 16, got {backbone.output_stride}")
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.align_corners = align_corners
+        c3_channels, c4_channels = backbone.feature_channels[2:]
+        self.head = DeepLabV3Head(c4_channels, num_classes, backbone.output_stride, norm_layer, channels,
+                                  aspp_dropout, dropout)
+        self.aux_head = FCNHead(c3_channels, num_classes, norm_layer, channels, aux_dropout) if aux else None
+
+    def _upsample(self, logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=self.align_corners)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        size = x.shape[-2:]
+        _, _, c3, c4 = self.backbone(x)
+        out = {"out": self._upsample(self.head(c4), size)}
+        if self.training and self.aux_head is not None:
+            out["aux"] = self._upsample(self.aux_head(c3), size)
+        return out
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the randomly initialised heads (trained with a larger learning rate)."""
+        heads = [self.head] + ([self.aux_head] if self.aux_head is not None else [])
+        return [p for h in heads for p in h.parameters()]
+
+
+def build_segmentor(backbone_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], num_classes: int,
+                    load_weights: bool = True) -> Segmentor:
+    """Build the segmentor from the ``backbone`` and ``model`` config nodes.
+
+    ``load_weights=False`` skips the ImageNet weights (when a segkit checkpoint follows anyway).
+    """
+    norm_layer = get_norm_layer(backbone_cfg.get("norm", "bn"))
+    backbone = create_backbone(backbone_cfg["name"], output_stride=backbone_cfg["output_stride"],
+                               norm_layer=norm_layer, zero_init_last=backbone_cfg.get("zero_init_last", False))
+    if load_weights:
+        load_pretrained(backbone, backbone_cfg.get("pretrained"), backbone_cfg["name"])
+    return Segmentor(backbone, num_classes, aux=model_cfg["aux"], channels=model_cfg["channels"],
+                     aspp_dropout=model_cfg["aspp_dropout"], dropout=model_cfg["dropout"],
+                     aux_dropout=model_cfg["aux_dropout"], align_corners=model_cfg["align_corners"],
+                     norm_layer=norm_layer)

@@ -1,0 +1,64 @@
+"""DeepLabV3 + aux FCN head as the original code describes them."""
+import pytest
+import torch
+from torch import nn
+
+from segkit.errors import ConfigError
+from segkit.models.heads import ASPP_RATES
+from segkit.models.resnest import create_backbone
+from segkit.models.segmentor import Segmentor, build_segmentor
+
+MODEL_CFG = {"aux": True, "channels": 256, "aspp_dropout": 0.5, "dropout": 0.1, "aux_dropout": 0.1,
+             "align_corners": True}
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_logits_at_input_size_and_aux_only_in_training(output_stride):
+    model = Segmentor(create_backbone("resnest14", output_stride=output_stride), num_classes=7)
+    x = torch.randn(2, 3, 64, 80)
+    out = model.train()(x)
+    assert set(out) == {"out", "aux"} and out["out"].shape == out["aux"].shape == (2, 7, 64, 80)
+    with torch.no_grad():
+        assert set(model.eval()(x)) == {"out"}
+    rates = [b[0].dilation[0] for b in model.head.aspp.branches[1:4]]
+    assert tuple(rates) == ASPP_RATES[output_stride] == {8: (12, 24, 36), 16: (6, 12, 18)}[output_stride]
+
+
+def test_head_structure_matches_reference():
+    model = Segmentor(create_backbone("resnest14", output_stride=8), num_classes=150)
+    aspp = model.head.aspp
+    assert len(aspp.branches) == 5
+    assert [b[0].out_channels for b in aspp.branches[:4]] + [aspp.branches[4].conv.out_channels] == [256] * 5
+    assert aspp.branches[0][0].in_channels == 2048 and aspp.project[0][0].in_channels == 1280
+    assert isinstance(aspp.project[1], nn.Dropout2d) and aspp.project[1].p == 0.5
+    assert model.head.block[0][0].kernel_size == (3, 3) and model.head.block[1].p == 0.1
+    assert model.head.classifier.out_channels == 150 and model.head.classifier.bias is not None
+    assert model.aux_head.block[0][0].in_channels == 1024 and model.aux_head.block[0][0].out_channels == 256
+    assert model.aux_head.classifier.out_channels == 150
+
+
+def test_batch_of_one_training_step():
+    torch.manual_seed(0)
+    model = build_segmentor({"name": "resnest14", "output_stride": 8, "pretrained": None}, MODEL_CFG, 4).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    out = model(torch.randn(1, 3, 48, 48))
+    loss = nn.functional.cross_entropy(out["out"], torch.randint(0, 4, (1, 48, 48)))
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+
+
+def test_image_pooling_branch_works_for_batch_of_one_in_eval():
+    model = Segmentor(create_backbone("resnest14", output_stride=16), num_classes=3).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32))["out"].shape == (1, 3, 32, 32)
+
+
+def test_stride_32_is_rejected():
+    with pytest.raises(ConfigError, match="output_stride of 8 or 16, got 32"):
+        Segmentor(create_backbone("resnest14", output_stride=32), num_classes=3)
+
+
+def test_without_aux_head():
+    model = build_segmentor({"name": "resnest14", "output_stride": 16}, {**MODEL_CFG, "aux": False}, 3)
+    assert model.aux_head is None and set(model.train()(torch.randn(2, 3, 32, 32))) == {"out"}
