@@ -141,9 +141,9 @@ def test_unexpected_keys_are_listed(tmp_path, imagenet_model):
 
 def test_corrupt_missing_and_unsafe_files(tmp_path):
     (tmp_path / "corrupt.pth").write_bytes(b"\x80\x04not a checkpoint" * 10)
-    with pytest.raises(CheckpointError, match="corrupt.pth: not a usable PyTorch weights file"):
+    with pytest.raises(CheckpointError, match="corrupt.pth: not a usable PyTorch checkpoint"):
         read_state_dict(tmp_path / "corrupt.pth")
-    with pytest.raises(CheckpointError, match="weights file not found: .*nothing.pth"):
+    with pytest.raises(CheckpointError, match="checkpoint file not found: .*nothing.pth"):
         read_state_dict(tmp_path / "nothing.pth")
     # weights_only=True refuses arbitrary pickled objects.
     torch.save({"weights": torch.zeros(1), "obj": CheckpointError("x")}, tmp_path / "unsafe.pth")

@@ -8,14 +8,12 @@ read with ``weights_only=True``, and keys must match exactly (the ImageNet class
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
-from pathlib import Path
 from urllib.error import URLError
 
 import torch
 from torch import nn
 
+from segkit.checkpoint import load_file
 from segkit.errors import CheckpointError
 
 # The original ResNeSt releases (the hex is a sha256 prefix, checked by torch.hub on download);
@@ -49,19 +47,14 @@ def resolve_source(source: str, backbone: str) -> str:
 def read_state_dict(source: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from a local file or an http(s) URL (cached, hash-checked by torch.hub)."""
     source = str(source)
+    if not source.startswith(("http://", "https://")):
+        return unwrap_state_dict(load_file(source), source)
     try:
-        if source.startswith(("http://", "https://")):
-            obj = torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=True,
-                                                     weights_only=True)
-        else:
-            path = Path(source).expanduser()
-            if not path.is_file():
-                raise CheckpointError(f"weights file not found: {path}")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=True, weights_only=True)
     except URLError as e:
         raise CheckpointError(f"could not download {source} ({e.reason}); download it yourself and "
                               "set pretrained to the local file") from e
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as e:
+    except RuntimeError as e:
         # torch.hub reports a hash mismatch as RuntimeError('invalid hash value ...').
         raise CheckpointError(f"{source}: not a usable PyTorch weights file ({e})") from e
     return unwrap_state_dict(obj, source)
