@@ -64,7 +64,7 @@ class SegmentationLoss(nn.Module):
         self.extra_weights: dict[str, float] = {}
         for entry in extra or ():
             if not isinstance(entry, Mapping):
-                raise ConfigError(f"extra loss entries are mappings like {{name: dice, weight: 0.5}}, got {entry!r}")
+                raise ConfigError(f"an extra loss is a mapping like {{name: dice, weight: 0.5}}, got {entry!r}")
             params = dict(entry)
             name = params.pop("name", None)
             weight = params.pop("weight", 1.0)

@@ -72,7 +72,7 @@ def test_extra_loss_options_are_passed_to_smp(batch):
 
 @pytest.mark.parametrize("cfg, match", [
     ({"extra": [{"name": "tversky"}]}, "unknown extra loss 'tversky'; valid choices: dice, lovasz, focal"),
-    ({"extra": ["dice"]}, "mappings"),
+    ({"extra": ["dice"]}, "a mapping like"),
     ({"extra": [{"name": "dice"}, {"name": "dice"}]}, "twice"),
     ({"extra": [{"name": "dice", "weight": -1}]}, "weight"),
     ({"extra": [{"name": "dice", "smoothing": 1}]}, "smoothing"),
