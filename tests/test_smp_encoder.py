@@ -4,11 +4,13 @@ import sys
 
 import pytest
 import torch
+from torchvision.ops import FrozenBatchNorm2d
 
 smp = pytest.importorskip("segmentation_models_pytorch")
 
 import segkit.models.pretrained as pretrained  # noqa: E402
 from segkit.errors import CheckpointError, ConfigError  # noqa: E402
+from segkit.models.norm import get_norm_layer  # noqa: E402
 from segkit.models.resnest import create_backbone  # noqa: E402
 from segkit.models.smp_encoder import SegkitEncoder, register_smp_encoders  # noqa: E402
 
@@ -44,9 +46,11 @@ def test_features_match_the_backbone_built_with_that_output_stride(output_stride
 
 
 def test_shallow_encoder_builds_only_the_stages_it_uses():
-    encoder = smp.encoders.get_encoder(NAME, depth=3, weights=None)
+    # Extra keyword arguments (which smp models pass on) reach create_backbone.
+    encoder = smp.encoders.get_encoder(NAME, depth=3, weights=None, norm_layer=get_norm_layer("frozen_bn"))
     assert encoder.out_channels == [3, 64, 256, 512]
     assert not hasattr(encoder, "layer3") and not hasattr(encoder, "layer4")
+    assert isinstance(encoder.bn1, FrozenBatchNorm2d)
     assert [f.shape[-1] for f in encoder(torch.randn(1, 3, 32, 32))] == [32, 16, 8, 4]
 
 
