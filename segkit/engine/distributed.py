@@ -4,8 +4,13 @@ Evaluation and training call these unconditionally, so the same code runs under 
 under a spawned gloo group in the tests, and in a plain ``python`` process.
 """
 
+import os
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
+
+from segkit.errors import ConfigError
 
 
 def is_dist() -> bool:
@@ -42,3 +47,36 @@ def all_reduce(tensor: torch.Tensor, average: bool = False) -> torch.Tensor:
         if average:
             tensor /= dist.get_world_size()
     return tensor
+
+
+@dataclass
+class Env:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Env:
+    """Join the process group torchrun (or SLURM via submitit) describes; NCCL on CUDA, gloo on CPU."""
+    if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
+        try:  # hydra's submitit launcher: one task per GPU, rendezvous from the SLURM variables
+            from submitit.helpers import TorchDistributedEnvironment
+            TorchDistributedEnvironment().export()
+        except ImportError:
+            pass
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"train.device={device!r}; valid choices: auto, cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=auto or cpu")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Env(get_rank(), get_world_size(), torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))

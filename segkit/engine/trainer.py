@@ -10,9 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ from segkit import __version__
 from segkit.checkpoint import load_file, save_atomic
 from segkit.data import build_dataset
 from segkit.data.transforms import build_train_transform, build_val_transform
-from segkit.engine.distributed import all_reduce, get_rank, get_world_size
+from segkit.engine.distributed import Env, all_reduce, setup_distributed
 from segkit.engine.inference import evaluate
 from segkit.engine.optim import build_optimizer, build_scheduler
 from segkit.engine.sampler import IterationBatchSampler, SeededSamples
@@ -42,39 +40,6 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 class TrainingDiverged(SegkitError):
     """The loss became NaN or infinite."""
-
-
-@dataclass
-class Env:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str) -> Env:
-    """Join the process group torchrun (or SLURM via submitit) describes; NCCL on CUDA, gloo on CPU."""
-    if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
-        try:  # hydra's submitit launcher: one task per GPU, rendezvous from the SLURM variables
-            from submitit.helpers import TorchDistributedEnvironment
-            TorchDistributedEnvironment().export()
-        except ImportError:
-            pass
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"train.device={device!r}; valid choices: auto, cpu, cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=auto or cpu")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Env(get_rank(), get_world_size(), torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
 
 
 def check_config(cfg: DictConfig, world_size: int) -> None:
