@@ -1,0 +1,51 @@
+"""A folder of unlabelled images in the label space of a configured dataset, for prediction.
+
+The images carry the dataset's class names, palette and submission format (ADE20K: id + 1,
+Cityscapes: labelIds), but the dataset's own files need not be on disk: a model trained on
+ADE20K can label a user's photos on a machine without ADE20K.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segkit.data.ade20k import ADE20K_CLASSES, ADE20K_PALETTE, ADE20KDataset
+from segkit.data.base import IMAGE_SUFFIXES, Sample, SegmentationDataset, index_files, make_lut
+from segkit.data.cityscapes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, CityscapesDataset
+from segkit.data.demo import DEMO_CLASSES, DEMO_PALETTE, DemoDataset
+from segkit.data.folder import FolderDataset, read_class_file
+from segkit.errors import ConfigError, DataError
+
+
+def _label_space(cfg: Mapping[str, Any]) -> tuple[type[SegmentationDataset], list[str], np.ndarray]:
+    name = cfg.get("name")
+    if name == "folder":  # a user's classes live next to their data
+        classes, _, palette = read_class_file(Path(cfg["root"]))
+        return FolderDataset, classes, palette
+    known = {"ade20k": (ADE20KDataset, ADE20K_CLASSES, ADE20K_PALETTE),
+             "cityscapes": (CityscapesDataset, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE),
+             "demo": (DemoDataset, DEMO_CLASSES, DEMO_PALETTE)}
+    if name not in known:
+        raise ConfigError(f"dataset.name={name!r} is not a known dataset; choose one of ade20k, cityscapes, demo, folder")
+    cls, classes, palette = known[name]
+    return cls, list(classes), np.asarray(palette)
+
+
+def image_folder(cfg: Mapping[str, Any], folder: str | Path) -> SegmentationDataset:
+    """Every image below ``folder`` (names keep their subfolders), unlabelled."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"predict.input={str(folder)!r} is not a directory of images")
+    files = index_files(folder, IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {folder}")
+    cls, classes, palette = _label_space(cfg)
+    # The dataset class supplies encode_prediction (the submission format); its constructor, which
+    # lists the dataset's own layout, is skipped.
+    dataset = cls.__new__(cls)
+    SegmentationDataset.__init__(dataset, folder, "predict", [Sample(k, p, None) for k, p in sorted(files.items())],
+                                 classes, palette, make_lut({}), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+    return dataset
