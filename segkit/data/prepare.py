@@ -1,0 +1,270 @@
+"""Fetch, verify and convert the official datasets.
+
+    python -m segkit.data.prepare ade20k --root DIR [--url URL_OR_PATH] [--sha256 HEX]
+    python -m segkit.data.prepare cityscapes --root DIR [--workers N]
+
+ADE20K is downloaded (resuming an interrupted download from its ``.part`` file through an HTTP
+Range request), checked against a known digest, extracted and counted. Cityscapes needs a login,
+so its two archives are downloaded by hand into ``DIR``; this extracts them (or accepts an already
+extracted layout), counts the images and writes ``*_gtFine_labelTrainIds.png`` next to every
+``*_gtFine_labelIds.png`` in parallel. ``--expect-counts TRAIN,VAL`` / ``--no-expect-counts``
+change the image count check (for subsets and tests).
+
+Expected problems end with a one-line message and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from segkit.data.ade20k import ARCHIVE_DIR
+from segkit.data.base import map_labels, read_mask
+from segkit.data.cityscapes import IMAGE_ENDING, LABEL_ID_LUT, LABEL_IDS_ENDING, TRAIN_IDS_ENDING
+from segkit.errors import DataError, SegkitError
+
+ADE20K_URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
+# Digests by archive name. The SHA-1 of ADEChallengeData2016.zip is the one GluonCV and
+# PyTorch-Encoding check; add "sha256"/"size" entries here once measured on a trusted copy.
+KNOWN_FILES: dict[str, dict[str, str | int]] = {
+    "ADEChallengeData2016.zip": {"sha1": "219e1696abb36c8ba3a3afe7fb2f4b4606a897c7"},
+}
+ADE20K_COUNTS = {"training": 20210, "validation": 2000}
+CITYSCAPES_COUNTS = {"train": 2975, "val": 500}
+CITYSCAPES_ARCHIVES = {"leftImg8bit": "leftImg8bit_trainvaltest.zip", "gtFine": "gtFine_trainvaltest.zip"}
+CITYSCAPES_DOWNLOADS = "https://www.cityscapes-dataset.com/downloads/ (login required)"
+CHUNK = 1 << 20
+TIMEOUT_S = 60
+
+
+def local_source(source: str) -> Path | None:
+    """The file a ``file://`` URL or plain path names; None for a network URL."""
+    parsed = urllib.parse.urlparse(source)
+    if parsed.scheme == "file":
+        return Path(urllib.request.url2pathname(parsed.path))
+    if parsed.scheme in ("http", "https", "ftp"):
+        return None
+    return Path(source)
+
+
+def download(url: str, dest: Path) -> None:
+    """Download ``url`` to ``dest`` through ``dest.part``, resuming a previous partial download."""
+    part = dest.with_name(dest.name + ".part")
+    start = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and start:  # nothing left to fetch: the .part is already complete
+            part.rename(dest)
+            return
+        raise DataError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise DataError(f"cannot reach {url}: {getattr(e, 'reason', e)}") from None
+    with response:
+        resumed = start > 0 and response.status == 206
+        if resumed:
+            total = int(response.headers["Content-Range"].rsplit("/", 1)[1])
+        else:  # fresh start, or a server that ignores Range: begin again
+            start = 0
+            length = response.headers.get("Content-Length")
+            total = int(length) if length is not None else None
+        try:
+            with open(part, "ab" if resumed else "wb") as f, tqdm(
+                total=total, initial=start, unit="B", unit_scale=True, desc=dest.name
+            ) as bar:
+                while chunk := response.read(CHUNK):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        except (OSError, http.client.HTTPException) as e:
+            raise DataError(f"download of {url} interrupted at {part.stat().st_size} bytes ({e}); "
+                            f"run the same command again to resume") from None
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise DataError(f"download of {url} stopped at {size} of {total} bytes; run the same "
+                        f"command again to resume")
+    part.rename(dest)
+
+
+def verify(path: Path, expected: Mapping[str, str | int], remove_on_mismatch: bool) -> None:
+    """Check ``path`` against ``expected`` size and digests (hashlib names: sha256, sha1, ...)."""
+    if not expected:
+        print(f"no known checksum for {path.name}; pass --sha256 to verify it", file=sys.stderr)
+        return
+    problems = []
+    size = path.stat().st_size
+    if "size" in expected and size != expected["size"]:
+        problems.append(f"size {size} != expected {expected['size']}")
+    hashes = {name: hashlib.new(name) for name in expected if name != "size"}
+    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"verify {path.name}") as bar:
+        while chunk := f.read(CHUNK):
+            for h in hashes.values():
+                h.update(chunk)
+            bar.update(len(chunk))
+    problems += [f"{name} {h.hexdigest()} != expected {expected[name]}"
+                 for name, h in hashes.items() if h.hexdigest() != str(expected[name]).lower()]
+    if problems:
+        if remove_on_mismatch:
+            path.unlink()
+        action = "it was deleted, run again to download it again" if remove_on_mismatch else "replace it"
+        raise DataError(f"{path} is corrupt or not the expected file ({'; '.join(problems)}); {action}")
+
+
+def extract(archive: Path, parent: Path, top: str) -> None:
+    """Extract the ``top/`` folder of a zip archive into ``parent``, all or nothing."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = [m for m in zf.infolist() if m.filename.split("/", 1)[0] == top]
+            if not members:
+                raise DataError(f"{archive} has no top-level '{top}/' folder; is it the right archive?")
+            # Extracting next to the target and renaming keeps a killed run from leaving half a tree.
+            tmp = Path(tempfile.mkdtemp(prefix=f".{top}-", dir=parent))
+            try:
+                for member in tqdm(members, unit="file", desc=f"extract {archive.name}"):
+                    zf.extract(member, tmp)  # zipfile drops absolute and ".." path parts
+                os.rename(tmp / top, parent / top)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"{archive} is not a valid zip archive ({e}); delete it and fetch it again") from None
+
+
+def count_files(directory: Path, ending: str) -> int:
+    return sum(1 for _ in directory.rglob(f"*{ending}")) if directory.is_dir() else 0
+
+
+def check_counts(found: Mapping[str, tuple[int, int]], expected: Mapping[str, int] | None, where: Path) -> None:
+    """``found`` maps split -> (images, labels); both must equal ``expected[split]``."""
+    if expected is None:
+        return
+    wrong = [f"{split}: {images} images / {labels} labels, expected {expected[split]}"
+             for split, (images, labels) in found.items() if not images == labels == expected[split]]
+    if wrong:
+        raise DataError(f"unexpected file counts in {where} ({'; '.join(wrong)}); the download or "
+                        f"extraction is incomplete (delete it and run again) or pass --no-expect-counts")
+
+
+def prepare_ade20k(root: Path, source: str, sha256: str | None, counts: Mapping[str, int] | None) -> None:
+    target = root / ARCHIVE_DIR
+    if not target.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        archive = local_source(source)
+        downloaded = archive is None
+        if archive is None:
+            archive = root / (Path(urllib.parse.urlparse(source).path).name or f"{ARCHIVE_DIR}.zip")
+            if not archive.is_file():
+                download(source, archive)
+        elif not archive.is_file():
+            raise DataError(f"archive {archive} does not exist")
+        expected = {"sha256": sha256} if sha256 else KNOWN_FILES.get(archive.name, {})
+        verify(archive, expected, remove_on_mismatch=downloaded)
+        extract(archive, root, ARCHIVE_DIR)
+    check_counts({split: (count_files(target / "images" / split, ".jpg"),
+                          count_files(target / "annotations" / split, ".png"))
+                  for split in ADE20K_COUNTS}, counts, target)
+    print(f"ADE20K ready in {target}")
+
+
+def _write_train_ids(label_ids: Path) -> str | None:
+    """Convert one labelIds PNG (pool worker); returns an error message instead of raising."""
+    try:
+        train_ids = map_labels(read_mask(label_ids), LABEL_ID_LUT, label_ids, out_of_range_to_ignore=False)
+    except DataError as e:
+        return str(e)
+    out = label_ids.with_name(label_ids.name[: -len(LABEL_IDS_ENDING)] + TRAIN_IDS_ENDING)
+    tmp = out.with_name(out.name + ".tmp")
+    Image.fromarray(train_ids).save(tmp, format="PNG")
+    os.replace(tmp, out)  # never a truncated PNG that a resumed run would skip
+    return None
+
+
+def prepare_cityscapes(root: Path, workers: int, counts: Mapping[str, int] | None) -> None:
+    if not root.is_dir():
+        raise DataError(f"{root} does not exist; download {' and '.join(CITYSCAPES_ARCHIVES.values())} "
+                        f"from {CITYSCAPES_DOWNLOADS} into it")
+    for top, name in CITYSCAPES_ARCHIVES.items():
+        if not (root / top).is_dir():
+            if not (root / name).is_file():
+                raise DataError(f"neither {root / top}/ nor {root / name} found; download {name} "
+                                f"from {CITYSCAPES_DOWNLOADS}")
+            extract(root / name, root, top)
+    check_counts({split: (count_files(root / "leftImg8bit" / split, IMAGE_ENDING),
+                          count_files(root / "gtFine" / split, LABEL_IDS_ENDING))
+                  for split in CITYSCAPES_COUNTS}, counts, root)
+    sources = sorted((root / "gtFine").rglob(f"*{LABEL_IDS_ENDING}"))
+    todo = [p for p in sources
+            if not p.with_name(p.name[: -len(LABEL_IDS_ENDING)] + TRAIN_IDS_ENDING).exists()]
+    if todo:
+        with multiprocessing.Pool(max(1, workers)) as pool:
+            results = pool.imap_unordered(_write_train_ids, todo, chunksize=8)
+            errors = [e for e in tqdm(results, total=len(todo), unit="file", desc="labelTrainIds") if e]
+        if errors:
+            raise DataError(f"{len(errors)} label file(s) could not be converted, e.g. {errors[0]}")
+    print(f"Cityscapes ready in {root} ({len(sources)} label files, {len(todo)} converted now)")
+
+
+def _counts(value: str) -> tuple[int, int]:
+    try:
+        train, val = (int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TRAIN,VAL image counts, got {value!r}") from None
+    return train, val
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m segkit.data.prepare", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="dataset", required=True)
+    commands = {
+        "ade20k": (sub.add_parser("ade20k", help="download, verify and extract ADE20K"), ADE20K_COUNTS),
+        "cityscapes": (sub.add_parser("cityscapes", help="extract Cityscapes and write labelTrainIds"),
+                       CITYSCAPES_COUNTS),
+    }
+    for command, official in commands.values():
+        command.add_argument("--root", type=Path, required=True, help="dataset directory")
+        command.add_argument("--expect-counts", type=_counts, default=tuple(official.values()),
+                             metavar="TRAIN,VAL", help=f"image counts to check (default: "
+                             f"{','.join(map(str, official.values()))})")
+        command.add_argument("--no-expect-counts", dest="expect_counts", action="store_const", const=None,
+                             help="skip the image count check")
+    ade = commands["ade20k"][0]
+    ade.add_argument("--url", default=ADE20K_URL, help="archive URL, file:// URL or local path")
+    ade.add_argument("--sha256", help="expected SHA-256 of the archive (replaces the known digest)")
+    commands["cityscapes"][0].add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                                           help="conversion processes")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    official = ADE20K_COUNTS if args.dataset == "ade20k" else CITYSCAPES_COUNTS
+    counts = dict(zip(official, args.expect_counts)) if args.expect_counts is not None else None
+    try:
+        if args.dataset == "ade20k":
+            prepare_ade20k(args.root, args.url, args.sha256, counts)
+        else:
+            prepare_cityscapes(args.root, args.workers, counts)
+    except SegkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
