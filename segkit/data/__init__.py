@@ -7,9 +7,7 @@ a split name of the dataset's layout or one of the aliases ``train`` / ``val`` (
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
-
-import albumentations as A
+from typing import TYPE_CHECKING, Any
 
 from segkit.data.ade20k import ADE20K_CLASSES, ADE20K_PALETTE, ADE20KDataset
 from segkit.data.base import SegmentationDataset
@@ -18,6 +16,9 @@ from segkit.data.demo import DEMO_CLASSES, DEMO_PALETTE, DemoDataset
 from segkit.data.folder import FolderDataset
 from segkit.data.transforms import build_train_transform, build_val_transform, seed_worker, worker_init_fn
 from segkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    import albumentations as A
 
 DATASETS: dict[str, type[SegmentationDataset]] = {
     "ade20k": ADE20KDataset,

@@ -10,9 +10,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import albumentations as A
 import numpy as np
 import torch
 from PIL import Image
@@ -20,6 +19,9 @@ from torch.utils.data import Dataset
 
 from segkit.data.transforms import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, normalize_transform
 from segkit.errors import DataError
+
+if TYPE_CHECKING:  # importing albumentations goes through segkit.data.transforms (update check off)
+    import albumentations as A
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # PIL modes of images with more than 8 bits per channel. They are rejected rather than rescaled:
