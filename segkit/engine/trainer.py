@@ -61,10 +61,20 @@ def check_config(cfg: DictConfig, world_size: int) -> None:
 
 
 def resolve_resume(resume: Any, run_dir: Path) -> Path | None:
-    """``resume``: null/false = fresh run, true = ``last.pt`` of this run directory, else a path."""
+    """The checkpoint to continue from, or None for a fresh run.
+
+    ``resume``: null/false = fresh run (refused where ``last.pt`` exists: it would be overwritten),
+    true = ``last.pt`` of this run directory, ``auto`` = that file if it exists, else a path.
+    """
+    last = run_dir / "last.pt"
     if resume in (None, False, ""):
+        if last.exists():
+            raise ConfigError(f"{run_dir} already holds a training checkpoint (last.pt); continue it with "
+                              f"resume=true, or pick another hydra.run.dir")
         return None
-    return run_dir / "last.pt" if resume is True else Path(str(resume))
+    if resume == "auto":
+        return last if last.exists() else None
+    return last if resume is True else Path(str(resume))
 
 
 def load_training_checkpoint(path: Path) -> dict[str, Any]:
