@@ -65,8 +65,16 @@ def test_folder_json_class_file_and_unlabelled_split(tmp_path):
 def test_missing_root_shows_layout_and_command(tmp_path, factory, split, expected):
     with pytest.raises(DataError) as err:
         factory(tmp_path / "nowhere", split)
+    assert f"not found: {tmp_path / 'nowhere'} does not exist." in str(err.value)
     for text in expected:
         assert text in str(err.value)
+
+
+def test_ade20k_root_may_be_the_extracted_folder_itself(tmp_path):
+    make_ade(tmp_path)
+    inner = ADE20KDataset(tmp_path / "ADEChallengeData2016", "validation")
+    outer = ADE20KDataset(tmp_path, "validation")
+    assert inner.samples == outer.samples and inner.name(0) == "ADE_val_00000001"
 
 
 def test_unknown_split_lists_the_available_ones(tmp_path):

@@ -203,7 +203,8 @@ class ADE20KDataset(SegmentationDataset):
         **kwargs: Any,
     ) -> None:
         root = Path(root)
-        base = root / ARCHIVE_DIR if (root / ARCHIVE_DIR).is_dir() else root
+        extracted_here = (root / "images").is_dir() and not (root / ARCHIVE_DIR).is_dir()
+        base = root if extracted_here else root / ARCHIVE_DIR
         image_dir, mask_dir = base / "images" / split, base / "annotations" / split
         for directory in (image_dir, mask_dir):
             if not directory.is_dir():

@@ -129,13 +129,14 @@ def missing_split_error(
     dataset: str, root: Path, split: str, missing: Path, layout: str, hint: str
 ) -> DataError:
     """The error for an absent root or split directory: what was expected and how to get it."""
-    split_parent = missing.parent
-    available = sorted(p.name for p in split_parent.iterdir() if p.is_dir()) if split_parent.is_dir() else []
-    found = f" (splits found: {', '.join(available)})" if available else ""
-    return DataError(
-        f"{dataset} split '{split}' not found under {root}: {missing} does not exist{found}.\n"
-        f"Expected layout:\n{layout}\n{hint}"
-    )
+    if not root.exists():
+        problem = f"{dataset} not found: {root} does not exist."
+    else:
+        parent = missing.parent
+        available = sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
+        found = f" (splits found: {', '.join(available)})" if available else ""
+        problem = f"{dataset} split '{split}' not found under {root}: {missing} does not exist{found}."
+    return DataError(f"{problem}\nExpected layout:\n{layout}\n{hint}")
 
 
 def read_image(path: Path) -> np.ndarray:
