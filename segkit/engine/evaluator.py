@@ -90,7 +90,12 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict
     OmegaConf.resolve(cfg)
     env = setup_distributed(cfg.eval.device)
 
-    model = build_segmentor(cfg.backbone, cfg.model, cfg.dataset.num_classes, load_weights=False)
+    predict = cfg.predict.input is not None
+    if predict and not cfg.export.dir:
+        raise ConfigError("predict.input needs export.dir=DIR: predictions are only written as files")
+    dataset = (image_folder(cfg.dataset, cfg.predict.input) if predict
+               else build_dataset(cfg.dataset, cfg.eval.split))
+    model = build_segmentor(cfg.backbone, cfg.model, dataset.num_classes, load_weights=False)
     hint = ("  hint: pass the dataset and backbone the checkpoint was trained with "
             "(dataset=... backbone=...); segkit checkpoints carry them" if saved is None else
             f"  hint: the checkpoint was trained with backbone={saved['backbone']['name']} and "
@@ -98,11 +103,6 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict
     load_into(model, state, str(ckpt_path), hint)
     model.to(env.device).eval()
 
-    predict = cfg.predict.input is not None
-    if predict and not cfg.export.dir:
-        raise ConfigError("predict.input needs export.dir=DIR: predictions are only written as files")
-    dataset = (image_folder(cfg.dataset, cfg.predict.input) if predict
-               else build_dataset(cfg.dataset, cfg.eval.split))
     exporter = (MaskExporter(cfg.export.dir, dataset, overwrite=cfg.export.overwrite, overlay=cfg.export.overlay,
                              side_by_side=cfg.export.side_by_side) if cfg.export.dir else None)
     d = cfg.dataset

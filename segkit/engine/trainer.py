@@ -132,6 +132,8 @@ class Trainer:
 
         self.train_set = build_dataset(cfg.dataset, cfg.dataset.train_split, build_train_transform(cfg.dataset))
         self.val_set = build_dataset(cfg.dataset, cfg.dataset.val_split, build_val_transform(cfg.dataset))
+        if cfg.dataset.num_classes is None:  # a folder dataset's classes come from its classes.yaml
+            cfg.dataset.num_classes = self.train_set.num_classes
         self.iters_per_epoch = len(self.train_set) // t.batch_size
         if self.iters_per_epoch == 0:
             raise ConfigError(f"train.batch_size={t.batch_size} exceeds the {len(self.train_set)} images of "
