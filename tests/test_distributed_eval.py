@@ -7,7 +7,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_inference import ConvNet, FakeDataset
+from eval_helpers import ConvNet, FakeDataset
 
 from segkit.engine import distributed
 from segkit.engine.inference import evaluate

@@ -10,7 +10,7 @@ import torch
 from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as cs_eval
 from cityscapesscripts.helpers.labels import labels as cs_labels
 from PIL import Image
-from test_inference import FakeDataset, PixelNet
+from eval_helpers import FakeDataset, PixelNet
 
 from segkit.engine.inference import evaluate
 from segkit.errors import ConfigError, DataError

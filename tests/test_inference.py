@@ -1,123 +1,19 @@
 """Whole-image, sliding-window and multi-scale + flip inference, and single-process evaluation.
 
-The stub networks are per-pixel (1x1 conv) or translation-equivariant (3x3 convs), so the expected
-outputs can be derived independently; ``naive_multiscale`` is the plain one-window-one-flip-at-a-
-time loop the batched implementation must reproduce. ``FakeDataset`` and the stubs are shared with
-the export and distributed tests.
+The stubs (tests/eval_helpers.py) make the expected outputs derivable independently;
+bench/naive.py's one-window-one-flip-at-a-time loop is what the batched implementation must reproduce.
 """
 
-import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from bench.naive import naive_multiscale
+from eval_helpers import MEAN, STD, ConvNet, FakeDataset, PixelNet, StrideNet, normalise
 from segkit.engine.inference import evaluate, predict_multiscale, predict_single
 from segkit.errors import ConfigError
 from segkit.metrics import ConfusionMatrix
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class PixelNet(nn.Module):
-    """Per-pixel class scores: flip- and scale-equivariant, no context at all."""
-
-    def __init__(self, num_classes: int, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.conv = nn.Conv2d(3, num_classes, 1)
-
-    def forward(self, x):
-        return {"out": self.conv(x)}
-
-
-class ConvNet(nn.Module):
-    """Two zero-padded 3x3 convs: translation-equivariant with a 2-pixel reach."""
-
-    def __init__(self, num_classes: int, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-                                  nn.Conv2d(8, num_classes, 3, padding=1))
-
-    def forward(self, x):
-        return {"out": self.body(x)}
-
-
-class StrideNet(PixelNet):
-    """Refuses inputs that are not a multiple of its output stride, as a real backbone would
-    misalign them."""
-
-    def forward(self, x):
-        assert x.shape[-2] % 8 == 0 and x.shape[-1] % 8 == 0, x.shape
-        return super().forward(x)
-
-
-class FakeDataset:
-    """Follows the segkit dataset contract (ADE20K-style submission: prediction + 1)."""
-
-    def __init__(self, sizes, num_classes=4, seed=0, unlabelled=()):
-        rng = np.random.default_rng(seed)
-        self.num_classes = num_classes
-        self.classes = [f"class{i}" for i in range(num_classes)]
-        self.ignore_index = 255
-        self.palette = rng.integers(0, 256, (num_classes, 3), dtype=np.uint8)
-        self.images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
-        self.masks = []
-        for i, image in enumerate(self.images):
-            # Labels correlated with the colour so that a PixelNet gets some classes right.
-            mask = (image.astype(int).sum(-1) * num_classes // 766).astype(np.uint8)
-            mask[rng.random(mask.shape) < 0.1] = 255
-            self.masks.append(None if i in unlabelled else mask)
-
-    def __len__(self):
-        return len(self.images)
-
-    def load(self, i):
-        return self.images[i], self.masks[i]
-
-    def name(self, i):
-        return f"city{i % 2}/img_{i:03d}"
-
-    def encode_prediction(self, pred):
-        return (pred + 1).astype(np.uint8)
-
-
-def normalise(image: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(image).permute(2, 0, 1).float() / 255
-    return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
-
-
-def naive_multiscale(model, image, scales, flip, base_size, crop, num_classes, pad=(0, 0, 0)):
-    h, w = image.shape[1:]
-    stride = int(crop * 2 / 3)
-    total = torch.zeros(num_classes, h, w)
-    for scale in scales:
-        long_side = math.ceil(base_size * scale)
-        if h > w:
-            sh, sw = long_side, int(w * long_side / h + 0.5)
-        else:
-            sh, sw = int(h * long_side / w + 0.5), long_side
-        ph, pw = max(sh, crop), max(sw, crop)
-        img = torch.tensor(pad, dtype=torch.float32).view(3, 1, 1).repeat(1, ph, pw)
-        img[:, :sh, :sw] = F.interpolate(image[None], (sh, sw), mode="bilinear",
-                                         align_corners=False)[0]
-        for mirrored in (False, True) if flip else (False,):
-            acc, count = torch.zeros(num_classes, ph, pw), torch.zeros(ph, pw)
-            for y in list(range(0, ph - crop, stride)) + [ph - crop]:
-                for x in list(range(0, pw - crop, stride)) + [pw - crop]:
-                    win = img[None, :, y:y + crop, x:x + crop]
-                    if mirrored:
-                        prob = model(win.flip(-1))["out"].softmax(1).flip(-1)[0]
-                    else:
-                        prob = model(win)["out"].softmax(1)[0]
-                    acc[:, y:y + crop, x:x + crop] += prob
-                    count[y:y + crop, x:x + crop] += 1
-            out = (acc / count)[None, :, :sh, :sw]
-            total += F.interpolate(out, (h, w), mode="bilinear", align_corners=False)[0]
-    return total
 
 
 @torch.inference_mode()

@@ -1,6 +1,5 @@
 """The recipe's optimizer and schedule: linear lr scaling, 10x heads, poly decay per iteration."""
 import pytest
-import torch
 
 from segkit.engine.optim import build_optimizer, build_scheduler, poly_factor, scaled_lr
 from segkit.errors import ConfigError

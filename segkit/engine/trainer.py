@@ -248,7 +248,6 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         t, env = self.cfg.train, self.env
-        micro = t.batch_size // (env.world_size * t.accum_steps)
         val_every = t.val_every or max(1, self.total_iters // 10)
         autocast = torch.autocast(env.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         model, it, summary = self.model, self.start_iter, {}
