@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from segkit.checkpoint import load_file
@@ -101,7 +102,8 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict
             f"  hint: the checkpoint was trained with backbone={saved['backbone']['name']} and "
             f"{saved['dataset']['num_classes']} classes")
     load_into(model, state, str(ckpt_path), hint)
-    model.to(env.device).eval()
+    model.to(env.device, memory_format=torch.channels_last if cfg.eval.channels_last else torch.contiguous_format)
+    model.eval()
 
     exporter = (MaskExporter(cfg.export.dir, dataset, overwrite=cfg.export.overwrite, overlay=cfg.export.overlay,
                              side_by_side=cfg.export.side_by_side) if cfg.export.dir else None)
