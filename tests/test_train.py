@@ -167,3 +167,10 @@ def test_folder_dataset_takes_its_class_count_from_classes_yaml(tmp_path, data_r
     run(folder, data_root)
     last = torch.load(tmp_path / "r" / "last.pt", map_location="cpu", weights_only=True)
     assert last["config"]["dataset"]["num_classes"] == 3 and last["model"]["head.classifier.weight"].shape[0] == 3
+
+
+def test_bf16_autocast_and_channels_last_train(tmp_path, data_root):
+    run(TINY + ["train.iters=2", "train.amp=bf16", "train.channels_last=true", "train.val_every=2",
+                f"hydra.run.dir={tmp_path / 'r'}"], data_root)
+    assert all(r["loss"] > 0 for r in records(tmp_path / "r", "train"))
+    assert records(tmp_path / "r", "val")[0]["mIoU"] >= 0
