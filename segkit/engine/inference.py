@@ -24,8 +24,8 @@ from segkit.metrics import ConfusionMatrix, check_convention
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-                    "fp16": torch.float16, "float16": torch.float16}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                   "fp16": torch.float16, "float16": torch.float16}
 
 PadValue = float | Sequence[float]
 #: a torch dtype or "bf16" / "fp16"; None runs in float32
@@ -49,10 +49,10 @@ def _autocast(device: torch.device, dtype: AutocastDtype) -> contextlib.Abstract
     if dtype is None:
         return contextlib.nullcontext()
     if isinstance(dtype, str):
-        if dtype not in _AUTOCAST_DTYPES:
-            raise ConfigError(f"autocast dtype must be one of {sorted(_AUTOCAST_DTYPES)} or null, "
+        if dtype not in AUTOCAST_DTYPES:
+            raise ConfigError(f"autocast dtype must be one of {sorted(AUTOCAST_DTYPES)} or null, "
                               f"got {dtype!r}")
-        dtype = _AUTOCAST_DTYPES[dtype]
+        dtype = AUTOCAST_DTYPES[dtype]
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 

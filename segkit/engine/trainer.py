@@ -27,16 +27,13 @@ from segkit.checkpoint import load_file, save_atomic
 from segkit.data import build_dataset
 from segkit.data.transforms import build_train_transform, build_val_transform
 from segkit.engine.distributed import Env, all_reduce, setup_distributed
-from segkit.engine.inference import evaluate
+from segkit.engine.inference import AUTOCAST_DTYPES, evaluate
 from segkit.engine.optim import build_optimizer, build_scheduler
 from segkit.engine.sampler import IterationBatchSampler, SeededSamples
 from segkit.errors import CheckpointError, ConfigError, SegkitError
 from segkit.losses import build_loss
 from segkit.models.pretrained import load_into
 from segkit.models.segmentor import Segmentor, build_segmentor
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class TrainingDiverged(SegkitError):
     """The loss became NaN or infinite."""
@@ -54,8 +51,8 @@ def check_config(cfg: DictConfig, world_size: int) -> None:
     if cfg.dataset.crop_size % stride:
         raise ConfigError(f"dataset.crop_size={cfg.dataset.crop_size} is not a multiple of the backbone "
                           f"output stride {stride}; try {cfg.dataset.crop_size // stride * stride}")
-    if t.amp is not None and t.amp not in AMP_DTYPES:
-        raise ConfigError(f"train.amp={t.amp!r}; valid choices: null, {', '.join(AMP_DTYPES)}")
+    if t.amp is not None and t.amp not in AUTOCAST_DTYPES:
+        raise ConfigError(f"train.amp={t.amp!r}; valid choices: null, {', '.join(AUTOCAST_DTYPES)}")
     if t.iters is not None and t.iters < 1:
         raise ConfigError(f"train.iters={t.iters} must be positive (or null to use the epoch count)")
 
@@ -150,7 +147,7 @@ class Trainer:
         model.to(env.device, memory_format=self.memory_format)
         self.optimizer = build_optimizer(model, cfg.optim, t.batch_size)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_iters)
-        self.amp_dtype = AMP_DTYPES.get(t.amp)
+        self.amp_dtype = AUTOCAST_DTYPES.get(t.amp)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp_dtype == torch.float16)
         self.criterion = build_loss(cfg.model.loss)
         self.start_iter, self.best_miou = 0, -1.0
