@@ -62,3 +62,21 @@ def test_stride_32_is_rejected():
 def test_without_aux_head():
     model = build_segmentor({"name": "resnest14", "output_stride": 16}, {**MODEL_CFG, "aux": False}, 3)
     assert model.aux_head is None and set(model.train()(torch.randn(2, 3, 32, 32))) == {"out"}
+
+
+def test_syncbn_trained_checkpoint_loads_for_cpu_inference(tmp_path):
+    import copy
+
+    from segkit.models.pretrained import read_state_dict
+    torch.manual_seed(0)
+    model = Segmentor(create_backbone("resnest14", output_stride=8), num_classes=3, channels=16)
+    # What a multi-GPU run trains (conversion itself needs no GPU; its forward would).
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
+    torch.save({"model": synced.state_dict()}, tmp_path / "sync.pt")
+    restored = Segmentor(create_backbone("resnest14", output_stride=8), num_classes=3, channels=16)
+    restored.load_state_dict(read_state_dict(tmp_path / "sync.pt"), strict=True)
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in restored.modules())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(restored.eval()(x)["out"], model.eval()(x)["out"])
