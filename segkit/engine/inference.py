@@ -225,7 +225,8 @@ def evaluate(model: nn.Module, dataset: SegDataset, *, scales: Sequence[float] |
              callback: ImageCallback | None = None) -> dict[str, Any]:
     """Evaluate ``model`` on ``dataset`` and return :meth:`ConfusionMatrix.compute`'s metrics.
 
-    Without ``scales`` each image is predicted whole at its own size (:func:`predict_single`);
+    Without ``scales`` each image is predicted whole at its own size (:func:`predict_single`; with
+    ``flip`` together with its mirror, softmax probabilities summed);
     with ``scales`` (plus ``base_size`` and ``crop_size``) by :func:`predict_multiscale`.
     ``mean``/``std`` (0-1 scale) normalise the raw uint8 images; padding uses raw black, as the
     training pipeline does.
@@ -237,9 +238,6 @@ def evaluate(model: nn.Module, dataset: SegDataset, *, scales: Sequence[float] |
     (over all ranks) and ``seconds`` (this rank's wall time).
     """
     check_convention(convention)  # now rather than after the whole dataset
-    if scales is None and flip:
-        raise ConfigError("flip=true needs multi-scale evaluation: set scales (e.g. [1.0]) "
-                          "together with base_size and crop_size")
     if scales is not None and (base_size is None or crop_size is None):
         raise ConfigError(f"multi-scale evaluation with scales={list(scales)} needs base_size and "
                           f"crop_size, got base_size={base_size}, crop_size={crop_size}")
@@ -264,7 +262,11 @@ def evaluate(model: nn.Module, dataset: SegDataset, *, scales: Sequence[float] |
             for index, image, mask in loader:
                 x = image.to(device, non_blocking=True).permute(2, 0, 1).float().div_(255)
                 x = (x - mean_t) / std_t
-                if scales is None:
+                if scales is None and flip:  # the image and its mirror in one batch
+                    logits = predict_single(model, torch.stack([x, x.flip(-1)]), pad_multiple=pad_multiple,
+                                            pad_value=pad_value, autocast=autocast)
+                    pred = (logits[0].softmax(0) + logits[1].flip(-1).softmax(0)).argmax(0)
+                elif scales is None:
                     pred = predict_single(model, x, pad_multiple=pad_multiple, pad_value=pad_value,
                                           autocast=autocast, argmax=True)
                 else:
