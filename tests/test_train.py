@@ -73,6 +73,10 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, data_root):
     straight, resumed = model_state(tmp_path / "straight" / "last.pt"), model_state(killed / "last.pt")
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
+    # The log reads as one run: iterations repeated after the checkpoint are not recorded twice.
+    assert [r["iter"] for r in records(killed, "train")] == list(range(1, 9))
+    losses = [r["loss"] for r in records(killed, "train")]
+    assert losses == [r["loss"] for r in records(tmp_path / "straight", "train")]
 
 
 def _error(proc):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,7 @@ class Trainer:
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            self._drop_records_after(self.start_iter)
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.start_iter)
 
@@ -192,6 +194,16 @@ class Trainer:
         rng = _rng_states(self.env)  # a collective: every rank takes part
         if self.env.is_main:
             save_atomic(self._state(iteration, rng), self.run_dir / name)
+
+    def _drop_records_after(self, iteration: int) -> None:
+        """A resumed run repeats the iterations after its checkpoint: forget their old records."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["iter"] <= iteration]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.env.is_main:
