@@ -7,6 +7,7 @@ import time
 from typing import Callable, TypeVar
 
 from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from segkit.errors import SegkitError
 
@@ -38,11 +39,14 @@ def register_resolvers() -> None:
 
 
 def run_cli(fn: Callable[[], T]) -> T:
-    """Run ``fn``; an expected user error ends the command with its message and exit status 2."""
+    """Run ``fn``; an expected user error ends the command with its message and exit status 2
+    (printed by rank 0 only); anything else keeps its traceback."""
     try:
         return fn()
-    except SegkitError as e:
-        rank = os.environ.get("RANK", "0")
-        if rank == "0":
-            print(f"error: {e}", file=sys.stderr)
+    except (SegkitError, MissingMandatoryValue) as e:
+        # MissingMandatoryValue: a ??? in the config (eval's checkpoint) the command line left empty.
+        message = (f"the config needs a value for '{e.full_key}': pass {e.full_key}=..."
+                   if isinstance(e, MissingMandatoryValue) else str(e))
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

@@ -75,6 +75,9 @@ def test_overrides_win_and_export_refuses_to_overwrite(tmp_path, data_root, trai
 def test_missing_checkpoint_is_a_message(tmp_path, data_root):
     proc = evaluate_cli([f"checkpoint={tmp_path / 'none.pt'}", f"hydra.run.dir={tmp_path}"], data_root, check=False)
     assert proc.returncode == 2 and "checkpoint file not found" in proc.stderr and "Traceback" not in proc.stderr
+    proc = evaluate_cli([f"hydra.run.dir={tmp_path}"], data_root, check=False)
+    assert proc.returncode == 2 and "needs a value for 'checkpoint': pass checkpoint=..." in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_predict_a_folder_of_images(tmp_path, data_root, trained):
