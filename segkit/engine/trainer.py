@@ -184,11 +184,15 @@ class Trainer:
                 torch.cuda.set_rng_state(states[self.env.rank]["cuda"], self.env.device)
 
     # -- records -------------------------------------------------------------------------------
-    def _state(self, iteration: int, rng: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-        return {"model": _unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "iteration": iteration, "best_miou": self.best_miou, "rng": rng,
+    def _weights(self, iteration: int) -> dict[str, Any]:
+        """What every checkpoint holds: weights, iteration, and the resolved config that rebuilds them."""
+        return {"model": _unwrap(self.model).state_dict(), "iteration": iteration,
                 "config": OmegaConf.to_container(self.cfg, resolve=True), "segkit_version": __version__}
+
+    def _state(self, iteration: int, rng: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        return {**self._weights(iteration), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "best_miou": self.best_miou, "rng": rng}
 
     def save(self, iteration: int, name: str = "last.pt") -> None:
         rng = _rng_states(self.env)  # a collective: every rank takes part
@@ -217,20 +221,16 @@ class Trainer:
     def validate(self, iteration: int) -> dict[str, Any]:
         d = self.cfg.dataset
         model = _unwrap(self.model)
-        model.eval()
         metrics = evaluate(model, self.val_set, mean=d.mean, std=d.std, convention=d.miou_convention,
                            pad_multiple=self.cfg.backbone.output_stride, autocast=self.cfg.train.amp,
                            device=self.env.device, num_workers=self.cfg.train.workers,
                            progress=self.env.is_main and self.cfg.train.progress)
-        model.train()
         summary = {k: metrics[k] for k in ("pixAcc", "mIoU")}
         self.log({"split": "val", "iter": iteration, **summary})
         if metrics["mIoU"] > self.best_miou:
             self.best_miou = metrics["mIoU"]
             if self.env.is_main:
-                best = {"model": model.state_dict(), "iteration": iteration, "metrics": summary,
-                        "config": OmegaConf.to_container(self.cfg, resolve=True), "segkit_version": __version__}
-                save_atomic(best, self.run_dir / "best.pt")
+                save_atomic({**self._weights(iteration), "metrics": summary}, self.run_dir / "best.pt")
         return summary
 
     # -- the loop ------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ class Trainer:
             good_buffers = [b.detach().clone() for b in _unwrap(model).buffers()]
             self.optimizer.zero_grad(set_to_none=True)
             total = torch.zeros((), device=env.device)
-            parts_sum: dict[str, float] = {}
+            parts_sum: dict[str, torch.Tensor] = {}
             for a in range(t.accum_steps):
                 images, masks = next(data)
                 images = images.to(env.device, non_blocking=True, memory_format=self.memory_format)
@@ -281,7 +281,7 @@ class Trainer:
                     self.scaler.scale(loss / t.accum_steps).backward()
                 total += loss.detach() / t.accum_steps
                 for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / t.accum_steps
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v / t.accum_steps
             # Every rank must agree to stop, or the others would hang in the next collective.
             mean_loss = all_reduce(total, average=True).item()
             if not math.isfinite(mean_loss):
@@ -295,7 +295,8 @@ class Trainer:
             bar.update(1)
             if it % t.log_every == 0 or it == self.total_iters:
                 seconds = time.perf_counter() - window_start
-                record = {"iter": it, "epoch": it / self.iters_per_epoch, "loss": mean_loss, **parts_sum,
+                parts = {k: float(v) for k, v in parts_sum.items()}  # host sync only when logging
+                record = {"iter": it, "epoch": it / self.iters_per_epoch, "loss": mean_loss, **parts,
                           "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": window_images / seconds}
                 bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{record['lr']:.2e}", img_s=f"{record['img_per_s']:.1f}")
                 self.log(record)
