@@ -12,26 +12,27 @@ from typing import Any
 
 import numpy as np
 
-from segkit.data.ade20k import ADE20K_CLASSES, ADE20K_PALETTE, ADE20KDataset
+from segkit.data import ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, DATASETS
+from segkit.data import DEMO_CLASSES, DEMO_PALETTE
 from segkit.data.base import IMAGE_SUFFIXES, Sample, SegmentationDataset, index_files, make_lut
-from segkit.data.cityscapes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, CityscapesDataset
-from segkit.data.demo import DEMO_CLASSES, DEMO_PALETTE, DemoDataset
-from segkit.data.folder import FolderDataset, read_class_file
+from segkit.data.folder import read_class_file
 from segkit.errors import ConfigError, DataError
+
+
+# Label spaces fixed by the dataset; a folder dataset's classes live next to its data.
+_LABEL_SPACES = {"ade20k": (ADE20K_CLASSES, ADE20K_PALETTE), "cityscapes": (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE),
+                 "demo": (DEMO_CLASSES, DEMO_PALETTE)}
 
 
 def _label_space(cfg: Mapping[str, Any]) -> tuple[type[SegmentationDataset], list[str], np.ndarray]:
     name = cfg.get("name")
-    if name == "folder":  # a user's classes live next to their data
+    if name not in DATASETS:
+        raise ConfigError(f"dataset.name={name!r} is not a known dataset; choose one of {', '.join(DATASETS)}")
+    if name == "folder":
         classes, _, palette = read_class_file(Path(cfg["root"]))
-        return FolderDataset, classes, palette
-    known = {"ade20k": (ADE20KDataset, ADE20K_CLASSES, ADE20K_PALETTE),
-             "cityscapes": (CityscapesDataset, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE),
-             "demo": (DemoDataset, DEMO_CLASSES, DEMO_PALETTE)}
-    if name not in known:
-        raise ConfigError(f"dataset.name={name!r} is not a known dataset; choose one of ade20k, cityscapes, demo, folder")
-    cls, classes, palette = known[name]
-    return cls, list(classes), np.asarray(palette)
+    else:
+        classes, palette = _LABEL_SPACES[name]
+    return DATASETS[name], list(classes), np.asarray(palette)
 
 
 def image_folder(cfg: Mapping[str, Any], folder: str | Path) -> SegmentationDataset:
