@@ -8,13 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from segkit.checkpoint import load_file
 from segkit.data import build_dataset
 from segkit.data.predict import image_folder
-from segkit.engine.inference import evaluate
+from segkit.engine.inference import evaluate, prepare_model
 from segkit.engine.distributed import setup_distributed
 from segkit.errors import ConfigError
 from segkit.export import MaskExporter
@@ -102,8 +101,8 @@ def run_evaluation(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict
             f"  hint: the checkpoint was trained with backbone={saved['backbone']['name']} and "
             f"{saved['dataset']['num_classes']} classes")
     load_into(model, state, str(ckpt_path), hint)
-    model.to(env.device, memory_format=torch.channels_last if cfg.eval.channels_last else torch.contiguous_format)
-    model.eval()
+    model = prepare_model(model, env.device, channels_last=cfg.eval.channels_last, fold_bn=cfg.eval.fold_bn,
+                          compile=cfg.eval.compile)
 
     exporter = (MaskExporter(cfg.export.dir, dataset, overwrite=cfg.export.overwrite, overlay=cfg.export.overlay,
                              side_by_side=cfg.export.side_by_side) if cfg.export.dir else None)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from segkit.engine import distributed
 from segkit.errors import ConfigError
 from segkit.metrics import ConfusionMatrix, check_convention
+from segkit.models.bn_fold import fold_batchnorm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -103,6 +104,24 @@ def predict_single(model: nn.Module, image: torch.Tensor, *, pad_multiple: int =
     logits = _forward(model, padded, autocast)[..., :h, :w]
     out = logits.argmax(1) if argmax else logits
     return out if image.dim() == 4 else out[0]
+
+
+def prepare_model(model: nn.Module, device: torch.device | str, *, channels_last: bool = True,
+                  fold_bn: bool = True, compile: bool = False) -> nn.Module:
+    """``model`` (changed in place) set up for evaluation only: on ``device`` in eval mode, BatchNorm
+    folded into the convs, NHWC memory format, and optionally ``torch.compile``d.
+
+    Folding and channels_last give the same outputs up to float rounding and are faster on CPU
+    (oneDNN) and GPU alike. ``compile`` uses inductor with frozen weights (constant-folded and, on
+    CPU, pre-packed for oneDNN): the first forward of each input shape compiles (about a minute),
+    so it pays off on long evaluations. The model must not be trained afterwards.
+    """
+    model.to(device).eval()
+    if fold_bn:
+        example = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        fold_batchnorm(model, example.to(device))
+    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return torch.compile(model, options={"freezing": True}) if compile else model
 
 
 def _window_starts(length: int, crop: int, stride: int) -> list[int]:
