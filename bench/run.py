@@ -30,7 +30,7 @@ from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from naive import naive_multiscale  # noqa: E402
-from segkit.engine.inference import predict_multiscale, predict_single  # noqa: E402
+from segkit.engine.inference import predict_multiscale, predict_single, prepare_model  # noqa: E402
 from segkit.losses import SegmentationLoss  # noqa: E402
 from segkit.models.resnest import create_backbone  # noqa: E402
 from segkit.models.segmentor import Segmentor  # noqa: E402
@@ -180,29 +180,41 @@ def loader_images_per_s(args: argparse.Namespace) -> float:
 
 
 def measure_inference(seg: nn.Module, peer: nn.Module, args: argparse.Namespace) -> dict:
-    """Single-scale images/s (segkit vs peer) and multi-scale + flip s/image (segkit vs naive loop)."""
+    """Single-scale images/s (segkit vs peer) and multi-scale + flip s/image (segkit vs naive loop).
+
+    "segkit" is the model as eval_seg.py runs it by default (BatchNorm folded, channels_last);
+    "segkit_plain" is the same weights unchanged, NCHW, as the peer and the naive loop run;
+    "segkit_compiled" (``--eval-compile``) adds eval.compile=true.
+    """
     results: dict = {}
     h, w = args.infer_size
     image = torch.randn(3, h, w, generator=torch.Generator().manual_seed(2)).to(args.device)
     seg.eval()  # in eval mode the aux head is idle: segkit and segkit_noaux are the same network
     peer.eval()
+    variants = {"segkit": prepare_model(copy.deepcopy(seg), args.device), "segkit_plain": seg}
+    if args.eval_compile:
+        variants["segkit_compiled"] = prepare_model(copy.deepcopy(seg), args.device, compile=True)
     single = {s: (lambda m=m: predict_single(m, image, pad_multiple=args.output_stride, autocast=args.amp))
-              for s, m in (("segkit", seg), ("peer", peer))}
+              for s, m in (*variants.items(), ("peer", peer))}
     t = interleave(single, args.rounds, 1, args.device)
     results["infer_single_img_per_s"] = {s: 1 / statistics.median(v) for s, v in t.items()}
 
-    # eval_seg.py's default runs the model in channels_last; the naive loop is the original NCHW one.
-    # "naive_cl" isolates what batching alone buys.
+    # "naive_cl" (the naive loop on a channels_last copy) isolates what batching alone buys.
     seg_cl = copy.deepcopy(seg).to(memory_format=torch.channels_last)
-    ms = {"segkit": lambda: predict_multiscale(seg_cl, image, ADE_SCALES, True, args.base, args.crop, args.classes,
-                                                max_batch=args.max_batch, autocast=args.amp),
-          "naive": lambda: naive_multiscale(seg, image, ADE_SCALES, True, args.base, args.crop, args.classes),
-          "naive_cl": lambda: naive_multiscale(seg_cl, image, ADE_SCALES, True, args.base, args.crop, args.classes)}
+    ms = {s: (lambda m=m: predict_multiscale(m, image, ADE_SCALES, True, args.base, args.crop, args.classes,
+                                             max_batch=args.max_batch, autocast=args.amp))
+          for s, m in variants.items() if s != "segkit_plain"}
+    ms["naive"] = lambda: naive_multiscale(seg, image, ADE_SCALES, True, args.base, args.crop, args.classes)
+    ms["naive_cl"] = lambda: naive_multiscale(seg_cl, image, ADE_SCALES, True, args.base, args.crop, args.classes)
     t = interleave(ms, args.ms_rounds, 1, args.device)
     results["infer_msflip_s_per_img"] = {s: statistics.median(v) for s, v in t.items()}
-    batched, naive = ms["segkit"](), ms["naive"]()
-    results["msflip_max_abs_diff"] = (batched - naive).abs().max().item()
-    results["msflip_argmax_agreement"] = (batched.argmax(0) == naive.argmax(0)).float().mean().item()
+    naive = ms["naive"]()
+    results["msflip_vs_naive"] = {}
+    for s in ms:
+        if s.startswith("segkit"):
+            out = ms[s]()
+            results["msflip_vs_naive"][s] = {"max_abs_diff": (out - naive).abs().max().item(),
+                                             "argmax_agreement": (out.argmax(0) == naive.argmax(0)).float().mean().item()}
     return results
 
 
@@ -235,22 +247,29 @@ def run(args: argparse.Namespace) -> dict:
 def table(results: dict) -> str:
     def row(label: str, key: str, a: str, b: str) -> str:
         x, y = results[key][a], results[key][b]
-        return f"{label:44s} {x:10.3f} {y:10.3f} {x / y:8.3f}"
+        return f"{label:48s} {x:10.3f} {y:10.3f} {x / y:8.3f}"
 
-    lines = [f"{'metric (A vs B)':44s} {'A':>10s} {'B':>10s} {'A/B':>8s}",
+    single, ms = results["infer_single_img_per_s"], results["infer_msflip_s_per_img"]
+    lines = [f"{'metric (A vs B)':48s} {'A':>10s} {'B':>10s} {'A/B':>8s}",
              row("train images/s: segkit vs peer", "train_img_per_s", "segkit", "peer"),
              row("train images/s: segkit without aux vs peer", "train_img_per_s", "segkit_noaux", "peer"),
-             row("inference images/s, single scale", "infer_single_img_per_s", "segkit", "peer"),
-             row("multi-scale + flip s/image: segkit vs naive", "infer_msflip_s_per_img", "segkit", "naive"),
-             row("  same, naive loop also channels_last", "infer_msflip_s_per_img", "segkit", "naive_cl"),
-             row("peak train memory MB: segkit vs peer", "peak_memory_mb", "segkit", "peer"),
-             row("peak train memory MB: without aux vs peer", "peak_memory_mb", "segkit_noaux", "peer")]
+             row("inference images/s, single scale: segkit vs peer", "infer_single_img_per_s", "segkit", "peer"),
+             row("  segkit plain (NCHW, BN not folded) vs peer", "infer_single_img_per_s", "segkit_plain", "peer")]
+    if "segkit_compiled" in single:
+        lines.append(row("  segkit eval.compile=true vs peer", "infer_single_img_per_s", "segkit_compiled", "peer"))
+    lines += [row("multi-scale + flip s/image: segkit vs naive", "infer_msflip_s_per_img", "segkit", "naive"),
+              row("  segkit vs naive loop in channels_last", "infer_msflip_s_per_img", "segkit", "naive_cl")]
+    if "segkit_compiled" in ms:
+        lines.append(row("  segkit eval.compile=true vs naive", "infer_msflip_s_per_img", "segkit_compiled", "naive"))
+    lines += [row("peak train memory MB: segkit vs peer", "peak_memory_mb", "segkit", "peer"),
+              row("peak train memory MB: without aux vs peer", "peak_memory_mb", "segkit_noaux", "peer")]
     g = results["gflops_per_image"]
     for kind in ("forward", "train_step"):
         x, y = g["segkit"][kind], g["peer"][kind]
-        lines.append(f"{'GFLOPs/image ' + kind + ': segkit vs peer':44s} {x:10.1f} {y:10.1f} {x / y:8.3f}")
-    lines.append(f"multi-scale + flip vs naive loop: max |diff| {results['msflip_max_abs_diff']:.1e}, "
-                 f"argmax agreement {results['msflip_argmax_agreement']:.4%}")
+        lines.append(f"{'GFLOPs/image ' + kind + ': segkit vs peer':48s} {x:10.1f} {y:10.1f} {x / y:8.3f}")
+    for variant, agree in results["msflip_vs_naive"].items():
+        lines.append(f"multi-scale + flip, {variant} vs naive loop: speed-up {ms['naive'] / ms[variant]:.2f}x, "
+                     f"max |diff| {agree['max_abs_diff']:.1e}, argmax agreement {agree['argmax_agreement']:.4%}")
     if "train_fraction_of_peak" in results:
         f = results["train_fraction_of_peak"]
         lines.append(f"training step at {f['segkit']:.1%} (segkit) / {f['peer']:.1%} (peer) of the measured "
@@ -281,7 +300,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--amp", choices=sorted(AMP))
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model (training and inference)")
+    p.add_argument("--eval-compile", action="store_true",
+                   help="also time segkit's inference with eval.compile=true (compiles for about a minute)")
     p.add_argument("--infer-size", type=int, nargs=2, default=(512, 683), metavar=("H", "W"),
                    help="inference image (ADE20K-sized by default)")
     p.add_argument("--base", type=int, default=520, help="multi-scale base size (ADE20K: 520)")

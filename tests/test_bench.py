@@ -1,0 +1,34 @@
+"""bench/run.py runs end to end at toy sizes and records what the README's table is built from.
+
+Speed is not asserted here (timed tests on a shared machine only measure the machine); the
+benchmark's own output is checked for its structure and for the multi-scale outputs agreeing.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_script_writes_its_results(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "run.py"), "--backbone", "resnest14", "--size", "64",
+           "--classes", "5", "--infer-size", "40", "52", "--base", "48", "--crop", "32", "--rounds", "1",
+           "--ms-rounds", "1", "--warmup", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert set(results["train_img_per_s"]) == {"segkit", "segkit_noaux", "peer"}
+    assert set(results["infer_single_img_per_s"]) == {"segkit", "segkit_plain", "peer"}
+    assert set(results["infer_msflip_s_per_img"]) == {"segkit", "naive", "naive_cl"}
+    assert results["msflip_vs_naive"]["segkit"]["argmax_agreement"] > 0.999
+    assert results["msflip_vs_naive"]["segkit"]["max_abs_diff"] < 1e-4
+    # The aux head is the only difference between the stacks' FLOPs: none in a forward pass.
+    flops = results["gflops_per_image"]
+    assert abs(flops["segkit"]["forward"] - flops["peer"]["forward"]) < 0.01 * flops["peer"]["forward"]
+    assert flops["segkit"]["train_step"] > flops["segkit_noaux"]["train_step"]
+    assert all(v > 0 for v in results["peak_memory_mb"].values())
+    assert "multi-scale + flip, segkit vs naive loop: speed-up" in proc.stdout
