@@ -191,19 +191,28 @@ def measure_inference(seg: nn.Module, peer: nn.Module, args: argparse.Namespace)
     image = torch.randn(3, h, w, generator=torch.Generator().manual_seed(2)).to(args.device)
     seg.eval()  # in eval mode the aux head is idle: segkit and segkit_noaux are the same network
     peer.eval()
-    variants = {"segkit": prepare_model(copy.deepcopy(seg), args.device), "segkit_plain": seg}
+    prepared = prepare_model(copy.deepcopy(seg), args.device)
+
+    def compiled() -> nn.Module:
+        # Dynamo's shape history is per function, not per model: without a reset, the multi-scale
+        # windows would follow the single-scale image's shape into a slower dynamic-shape graph.
+        torch._dynamo.reset()
+        return prepare_model(copy.deepcopy(seg), args.device, compile=True)
+
+    variants = {"segkit": prepared, "segkit_plain": seg, "peer": peer}
     if args.eval_compile:
-        variants["segkit_compiled"] = prepare_model(copy.deepcopy(seg), args.device, compile=True)
+        variants["segkit_compiled"] = compiled()
     single = {s: (lambda m=m: predict_single(m, image, pad_multiple=args.output_stride, autocast=args.amp))
-              for s, m in (*variants.items(), ("peer", peer))}
+              for s, m in variants.items()}
     t = interleave(single, args.rounds, 1, args.device)
     results["infer_single_img_per_s"] = {s: 1 / statistics.median(v) for s, v in t.items()}
 
     # "naive_cl" (the naive loop on a channels_last copy) isolates what batching alone buys.
     seg_cl = copy.deepcopy(seg).to(memory_format=torch.channels_last)
+    variants = {"segkit": prepared, **({"segkit_compiled": compiled()} if args.eval_compile else {})}
     ms = {s: (lambda m=m: predict_multiscale(m, image, ADE_SCALES, True, args.base, args.crop, args.classes,
                                              max_batch=args.max_batch, autocast=args.amp))
-          for s, m in variants.items() if s != "segkit_plain"}
+          for s, m in variants.items()}
     ms["naive"] = lambda: naive_multiscale(seg, image, ADE_SCALES, True, args.base, args.crop, args.classes)
     ms["naive_cl"] = lambda: naive_multiscale(seg_cl, image, ADE_SCALES, True, args.base, args.crop, args.classes)
     t = interleave(ms, args.ms_rounds, 1, args.device)
