@@ -111,10 +111,11 @@ def prepare_model(model: nn.Module, device: torch.device | str, *, channels_last
     """``model`` (changed in place) set up for evaluation only: on ``device`` in eval mode, BatchNorm
     folded into the convs, NHWC memory format, and optionally ``torch.compile``d.
 
-    Folding and channels_last give the same outputs up to float rounding and are faster on CPU
-    (oneDNN) and GPU alike. ``compile`` uses inductor with frozen weights (constant-folded and, on
-    CPU, pre-packed for oneDNN): the first forward of each input shape compiles (about a minute),
-    so it pays off on long evaluations. The model must not be trained afterwards.
+    Folding and channels_last give the same outputs up to float rounding; on CPU (oneDNN) they make
+    a forward ~17% faster (bench/NOTES.md). ``compile`` uses inductor with frozen weights
+    (constant-folded and, on CPU, pre-packed for oneDNN): the first forward of each input shape
+    compiles (about a minute on two cores), so it pays off on long evaluations. The model must not
+    be trained afterwards.
     """
     model.to(device).eval()
     if fold_bn:
