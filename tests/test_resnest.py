@@ -8,7 +8,7 @@ from torch import nn
 
 from segkit.errors import ConfigError
 from segkit.models.norm import NORM_LAYERS, get_norm_layer
-from segkit.models.resnest import BACKBONES, Bottleneck, create_backbone
+from segkit.models.resnest import BACKBONES, Bottleneck, SplitAttention, create_backbone
 
 SMALL = ["resnest14", "resnest26", "resnest50", "resnet50d", "resnest50_fast_2s2x40d"]
 
@@ -59,6 +59,23 @@ def test_stride32_equals_timm(ours, theirs):
         ours_c4, ref_c4 = model(x)[-1], ref.forward_features(x)
         assert torch.allclose(model.forward_head(ours_c4), ref.forward_head(ref_c4), rtol=1e-4, atol=1e-5)
     assert ((ours_c4 - ref_c4).norm() / ref_c4.norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("radix,cardinality", [(1, 1), (2, 1), (4, 1), (2, 2)])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_split_attention_inference_path_equals_autograd_path(radix, cardinality, memory_format):
+    # Without autograd the splits are mixed by an in-place accumulation instead of a product + sum
+    # (the timm comparisons above run that path); both must give the same numbers and gradients flow.
+    torch.manual_seed(0)
+    layer = SplitAttention(64, 32, radix=radix, cardinality=cardinality).eval().to(memory_format=memory_format)
+    x = torch.randn(2, 64, 12, 10).contiguous(memory_format=memory_format).requires_grad_()
+    with_grad = layer(x)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), with_grad, rtol=1e-5, atol=1e-6)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x.detach()), with_grad.detach(), rtol=1e-5, atol=1e-6)
+    with_grad.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_stride8_differs_from_timm_only_where_reference_says():
