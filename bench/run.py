@@ -30,7 +30,7 @@ from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from naive import naive_multiscale  # noqa: E402
-from segkit.engine.inference import predict_multiscale, predict_single, prepare_model  # noqa: E402
+from segkit.engine.inference import predict_multiscale, predict_single, prepare_model, resolve_max_batch  # noqa: E402,E501
 from segkit.losses import SegmentationLoss  # noqa: E402
 from segkit.models.resnest import create_backbone  # noqa: E402
 from segkit.models.segmentor import Segmentor  # noqa: E402
@@ -210,8 +210,9 @@ def measure_inference(seg: nn.Module, peer: nn.Module, args: argparse.Namespace)
     # "naive_cl" (the naive loop on a channels_last copy) isolates what batching alone buys.
     seg_cl = copy.deepcopy(seg).to(memory_format=torch.channels_last)
     variants = {"segkit": prepared, **({"segkit_compiled": compiled()} if args.eval_compile else {})}
+    max_batch = results["msflip_max_batch"] = resolve_max_batch(args.max_batch, args.crop, args.device)
     ms = {s: (lambda m=m: predict_multiscale(m, image, ADE_SCALES, True, args.base, args.crop, args.classes,
-                                             max_batch=args.max_batch, autocast=args.amp))
+                                             max_batch=max_batch, autocast=args.amp))
           for s, m in variants.items()}
     ms["naive"] = lambda: naive_multiscale(seg, image, ADE_SCALES, True, args.base, args.crop, args.classes)
     ms["naive_cl"] = lambda: naive_multiscale(seg_cl, image, ADE_SCALES, True, args.base, args.crop, args.classes)
@@ -278,7 +279,8 @@ def table(results: dict) -> str:
         lines.append(f"{'GFLOPs/image ' + kind + ': segkit vs peer':48s} {x:10.1f} {y:10.1f} {x / y:8.3f}")
     for variant, agree in results["msflip_vs_naive"].items():
         lines.append(f"multi-scale + flip, {variant} vs naive loop: speed-up {ms['naive'] / ms[variant]:.2f}x, "
-                     f"max |diff| {agree['max_abs_diff']:.1e}, argmax agreement {agree['argmax_agreement']:.4%}")
+                     f"max |diff| {agree['max_abs_diff']:.1e}, argmax agreement {agree['argmax_agreement']:.4%} "
+                     f"({results['msflip_max_batch']} windows per forward)")
     if "train_fraction_of_peak" in results:
         f = results["train_fraction_of_peak"]
         lines.append(f"training step at {f['segkit']:.1%} (segkit) / {f['peer']:.1%} (peer) of the measured "
@@ -316,7 +318,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="inference image (ADE20K-sized by default)")
     p.add_argument("--base", type=int, default=520, help="multi-scale base size (ADE20K: 520)")
     p.add_argument("--crop", type=int, default=480, help="multi-scale window (ADE20K: 480)")
-    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-batch", type=lambda v: v if v == "auto" else int(v), default="auto",
+                   help="windows per forward in segkit's multi-scale + flip (eval.max_batch; default auto)")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--ms-rounds", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)

@@ -24,6 +24,7 @@ def test_bench_script_writes_its_results(tmp_path):
     assert set(results["train_img_per_s"]) == {"segkit", "segkit_noaux", "peer"}
     assert set(results["infer_single_img_per_s"]) == {"segkit", "segkit_plain", "peer"}
     assert set(results["infer_msflip_s_per_img"]) == {"segkit", "naive", "naive_cl"}
+    assert results["msflip_max_batch"] == 8  # auto on CPU for 32x32 windows
     assert results["msflip_vs_naive"]["segkit"]["argmax_agreement"] > 0.999
     assert results["msflip_vs_naive"]["segkit"]["max_abs_diff"] < 1e-4
     # The aux head is the only difference between the stacks' FLOPs: none in a forward pass.

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from bench.naive import naive_multiscale
 from eval_helpers import MEAN, STD, ConvNet, FakeDataset, PixelNet, StrideNet, normalise
-from segkit.engine.inference import evaluate, predict_multiscale, predict_single
+from segkit.engine.inference import evaluate, predict_multiscale, predict_single, resolve_max_batch
 from segkit.errors import ConfigError
 from segkit.metrics import ConfusionMatrix
 
@@ -163,3 +163,18 @@ def test_evaluate_rejects_bad_config_before_running():
         evaluate(PixelNet(4), ds, scales=[1.0], crop_size=8, num_workers=0)
     with pytest.raises(ConfigError, match="'mean'"):
         evaluate(PixelNet(4), ds, convention="mean", num_workers=0)
+    with pytest.raises(ConfigError, match="max_batch.*'eight'"):
+        evaluate(PixelNet(4), ds, scales=[1.0], base_size=8, crop_size=8, max_batch="eight", num_workers=0)
+
+
+@pytest.mark.parametrize("max_batch,crop,device,expected", [
+    ("auto", 480, "cpu", 2), ("auto", 120, "cpu", 8), ("auto", 769, "cpu", 1), ("auto", 300, "cpu", 5),
+    ("auto", 480, "cuda", 8), (3, 480, "cpu", 3)])
+def test_max_batch_auto_fits_a_pixel_budget_on_cpu(max_batch, crop, device, expected):
+    assert resolve_max_batch(max_batch, crop, device) == expected
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True, "big"])
+def test_max_batch_must_be_positive_integer_or_auto(bad):
+    with pytest.raises(ConfigError, match=f"got {bad!r}"):
+        resolve_max_batch(bad, 480, "cpu")

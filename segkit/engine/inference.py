@@ -106,6 +106,24 @@ def predict_single(model: nn.Module, image: torch.Tensor, *, pad_multiple: int =
     return out if image.dim() == 4 else out[0]
 
 
+#: Pixels per forward for ``max_batch="auto"`` on CPU: two ADE20K windows (480 x 480), the fastest
+#: batch there on two cores; 120 x 120 windows go 8 at a time (bench/NOTES.md). GPUs take 8.
+CPU_PIXELS_PER_BATCH = 2 * 480 * 480
+
+
+def resolve_max_batch(max_batch: int | str, crop_size: int, device: torch.device | str) -> int:
+    """Windows per forward: ``max_batch`` itself, or for ``"auto"`` 8 on a GPU and on CPU as many
+    ``crop_size`` windows as fit :data:`CPU_PIXELS_PER_BATCH` (1 to 8): large batches of large
+    windows run slower there than small ones."""
+    if max_batch == "auto":
+        if torch.device(device).type == "cpu":
+            return max(1, min(8, CPU_PIXELS_PER_BATCH // crop_size**2))
+        return 8
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ConfigError(f"eval.max_batch must be a positive integer or 'auto', got {max_batch!r}")
+    return max_batch
+
+
 def prepare_model(model: nn.Module, device: torch.device | str, *, channels_last: bool = True,
                   fold_bn: bool = True, compile: bool = False) -> nn.Module:
     """``model`` (changed in place) set up for evaluation only: on ``device`` in eval mode, BatchNorm
@@ -239,7 +257,7 @@ class _Shard(torch.utils.data.Dataset):
 def evaluate(model: nn.Module, dataset: SegDataset, *, scales: Sequence[float] | None = None,
              flip: bool = False, base_size: int | None = None, crop_size: int | None = None,
              mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-             convention: str = "present", pad_multiple: int = 8, max_batch: int = 8,
+             convention: str = "present", pad_multiple: int = 8, max_batch: int | str = "auto",
              autocast: AutocastDtype = None, device: torch.device | str | None = None,
              num_workers: int = 2, progress: bool = True,
              callback: ImageCallback | None = None) -> dict[str, Any]:
@@ -247,7 +265,8 @@ def evaluate(model: nn.Module, dataset: SegDataset, *, scales: Sequence[float] |
 
     Without ``scales`` each image is predicted whole at its own size (:func:`predict_single`; with
     ``flip`` together with its mirror, softmax probabilities summed);
-    with ``scales`` (plus ``base_size`` and ``crop_size``) by :func:`predict_multiscale`.
+    with ``scales`` (plus ``base_size`` and ``crop_size``) by :func:`predict_multiscale`, in
+    forwards of ``max_batch`` windows (:func:`resolve_max_batch`).
     ``mean``/``std`` (0-1 scale) normalise the raw uint8 images; padding uses raw black, as the
     training pipeline does.
 
@@ -264,6 +283,8 @@ def evaluate(model: nn.Module, dataset: SegDataset, *, scales: Sequence[float] |
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
+    if scales is not None:
+        max_batch = resolve_max_batch(max_batch, crop_size, device)
     mean_t = torch.tensor(mean, device=device).view(3, 1, 1)
     std_t = torch.tensor(std, device=device).view(3, 1, 1)
     pad_value = (-mean_t / std_t).flatten().tolist()
