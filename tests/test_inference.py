@@ -165,6 +165,8 @@ def test_evaluate_rejects_bad_config_before_running():
         evaluate(PixelNet(4), ds, convention="mean", num_workers=0)
     with pytest.raises(ConfigError, match="max_batch.*'eight'"):
         evaluate(PixelNet(4), ds, scales=[1.0], base_size=8, crop_size=8, max_batch="eight", num_workers=0)
+    with pytest.raises(ConfigError, match="max_batch.*got 0"):  # unused without scales, still checked
+        evaluate(PixelNet(4), ds, max_batch=0, num_workers=0)
 
 
 @pytest.mark.parametrize("max_batch,crop,device,expected", [

@@ -111,12 +111,12 @@ def predict_single(model: nn.Module, image: torch.Tensor, *, pad_multiple: int =
 CPU_PIXELS_PER_BATCH = 2 * 480 * 480
 
 
-def resolve_max_batch(max_batch: int | str, crop_size: int, device: torch.device | str) -> int:
+def resolve_max_batch(max_batch: int | str, crop_size: int | None, device: torch.device | str) -> int:
     """Windows per forward: ``max_batch`` itself, or for ``"auto"`` 8 on a GPU and on CPU as many
     ``crop_size`` windows as fit :data:`CPU_PIXELS_PER_BATCH` (1 to 8): large batches of large
-    windows run slower there than small ones."""
+    windows run slower there than small ones. (No ``crop_size``, no windows: only validated.)"""
     if max_batch == "auto":
-        if torch.device(device).type == "cpu":
+        if torch.device(device).type == "cpu" and crop_size is not None:
             return max(1, min(8, CPU_PIXELS_PER_BATCH // crop_size**2))
         return 8
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -283,8 +283,7 @@ def evaluate(model: nn.Module, dataset: SegDataset, *, scales: Sequence[float] |
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
-    if scales is not None:
-        max_batch = resolve_max_batch(max_batch, crop_size, device)
+    max_batch = resolve_max_batch(max_batch, crop_size if scales is not None else None, device)
     mean_t = torch.tensor(mean, device=device).view(3, 1, 1)
     std_t = torch.tensor(std, device=device).view(3, 1, 1)
     pad_value = (-mean_t / std_t).flatten().tolist()
