@@ -1,17 +1,33 @@
-"""What the command-line entry points share: error reporting and one run directory for all ranks."""
+"""The command-line entry points (``segkit-train``, ``segkit-eval``; ``train_seg.py`` and ``eval_seg.py``
+in a checkout) and what they share: one line and exit status 2 for every expected error, one run
+directory for all ranks.
+
+The configs ship in the package (``segkit.conf``, which is the checkout's ``conf/``); a user's own
+config directory joins them with ``--config-dir DIR`` or ``hydra.searchpath=[file://DIR]``.
+"""
 from __future__ import annotations
 
+import dataclasses
+import errno
+import json
 import os
 import sys
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn, TypeVar
 
-from omegaconf import OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from segkit import distributed
 from segkit.errors import SegkitError
 
 T = TypeVar("T")
+CONFIG_PATH = "pkg://segkit.conf"
+# OSErrors about a path the user gave (or that derives from one): reported in one line.
+_PATH_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP}
 
 
 def _run_stamp() -> str:
@@ -34,19 +50,120 @@ def _run_stamp() -> str:
 
 
 def register_resolvers() -> None:
+    """``${segkit_run_stamp:}`` in the configs, and the schemas they are presets of."""
+    from segkit.config import register_schemas
+
     if not OmegaConf.has_resolver("segkit_run_stamp"):
         OmegaConf.register_new_resolver("segkit_run_stamp", _run_stamp, use_cache=True)
+    register_schemas()
+
+
+def _worker_message(e: SegkitError) -> str:
+    """The original message of an error a DataLoader worker raised (torch re-raises it in the main
+    process with the worker's traceback as its message)."""
+    text = str(e)
+    if "DataLoader worker process" not in text or "Original Traceback" not in text:
+        return text
+    marker = f"{type(e).__module__}.{type(e).__qualname__}: "
+    return text.rsplit(marker, 1)[-1].strip() if marker in text else text
+
+
+def _hydra_message(e: Exception) -> str:
+    """Hydra's multi-line composition error as one line, naming the key or option."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and dataclasses.is_dataclass(getattr(cause, "object_type", None)):
+        valid = ", ".join(f.name for f in dataclasses.fields(cause.object_type))
+        return f"{cause.full_key}: no such key; valid keys here: {valid}"
+    if isinstance(cause, OmegaConfBaseException):
+        from segkit.config import describe_omegaconf_error
+
+        return describe_omegaconf_error(cause)
+    if isinstance(e, MissingConfigException) and e.options:
+        return f"could not find config '{e.missing_cfg_file}'; available options: {', '.join(sorted(e.options))}"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(("Config search path", "provider=",
+                                                            "Set the environment variable"))]
+    return "; ".join(lines)
+
+
+def describe_error(e: BaseException) -> str | None:
+    """The one-line message for an expected error, or None for one that keeps its traceback."""
+    if isinstance(e, SegkitError):
+        return _worker_message(e)
+    if isinstance(e, OSError) and e.errno in _PATH_ERRNOS and e.filename is not None:
+        target = f"{e.filename} -> {e.filename2}" if e.filename2 else str(e.filename)
+        hint = " (a file stands where a directory belongs)" if e.errno in (errno.EEXIST, errno.ENOTDIR) else ""
+        return f"{target}: {e.strerror}{hint}"
+    from hydra.errors import HydraException
+
+    if isinstance(e, (HydraException, OmegaConfBaseException)):
+        return _hydra_message(e)
+    return None
+
+
+def fail(message: str) -> NoReturn:
+    if distributed.is_main_process():
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def run_cli(fn: Callable[[], T]) -> T:
-    """Run ``fn``; an expected user error ends the command with its message and exit status 2
-    (printed by rank 0 only); anything else keeps its traceback."""
+    """Run ``fn``; an expected error ends the command with its message (printed by rank 0) and exit
+    status 2; anything else keeps its traceback."""
     try:
         return fn()
-    except (SegkitError, MissingMandatoryValue) as e:
-        # MissingMandatoryValue: a ??? in the config (eval's checkpoint) the command line left empty.
-        message = (f"the config needs a value for '{e.full_key}': pass {e.full_key}=..."
-                   if isinstance(e, MissingMandatoryValue) else str(e))
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as e:  # noqa: BLE001 - sorted into expected and unexpected right here
+        message = describe_error(e)
+        if message is None:
+            raise
+        fail(message)
+
+
+def hydra_command(config_name: str, task: Callable[[DictConfig, Path, list[str]], None]) -> None:
+    """Compose ``config_name`` from the packaged configs (with the command line's overrides) and run
+    ``task(cfg, run_dir, overrides)``; composition errors get one line and exit status 2 as well."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    register_resolvers()
+    # Hydra would print its own composition errors with exit status 1; let them reach run_cli.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+
+    @hydra.main(config_path=CONFIG_PATH, config_name=config_name, version_base="1.3")
+    def main(cfg: DictConfig) -> None:
+        hydra_cfg = HydraConfig.get()
+        # Inside the job too: Hydra would add a line of its own to an error leaving the job.
+        run_cli(lambda: task(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task)))
+
+    run_cli(main)
+
+
+def _train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
+    from segkit.config import train_job
+    from segkit.engine.trainer import train  # after Hydra has parsed: `--help` stays fast
+
+    summary = train(train_job(cfg), run_dir)
+    if distributed.is_main_process():
+        print(json.dumps(summary))
+
+
+def _eval(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
+    from segkit import checkpoint
+    from segkit.config import checkpoint_path, eval_job
+    from segkit.engine.evaluator import run_evaluation
+
+    ckpt = checkpoint.load_model(checkpoint_path(cfg))
+    run_evaluation(eval_job(cfg, ckpt.config, overrides), ckpt, run_dir)
+
+
+def train_main() -> None:
+    """``segkit-train``: train a segmentor; the defaults are the paper's recipe."""
+    hydra_command("train", _train)
+
+
+def eval_main() -> None:
+    """``segkit-eval``: evaluate a checkpoint (multi-scale + flip by default) and export masks."""
+    hydra_command("eval", _eval)

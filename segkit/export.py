@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from segkit.engine import distributed
+from segkit import distributed
 from segkit.errors import ConfigError, DataError
 
 

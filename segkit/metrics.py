@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from segkit.engine import distributed
+from segkit import distributed
 from segkit.errors import ConfigError, DataError
 
 CONVENTIONS = ("all", "present")

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from eval_helpers import ConvNet, FakeDataset
 
-from segkit.engine import distributed
+from segkit import distributed
 from segkit.engine.inference import evaluate
 from segkit.export import MaskExporter
 from segkit.metrics import ConfusionMatrix

@@ -52,9 +52,8 @@ def test_checkpoint_alone_rebuilds_model_and_dataset(tmp_path, data_root, traine
     # give the printed numbers.
     from segkit.data import build_dataset
     from segkit.metrics import ConfusionMatrix
-    from omegaconf import OmegaConf
-    cfg = OmegaConf.create(torch.load(trained, weights_only=True)["config"])
-    dataset = build_dataset(cfg.dataset, "val")
+    from segkit.config import DemoDatasetSettings
+    dataset = build_dataset(DemoDatasetSettings(**torch.load(trained, weights_only=True)["config"]["dataset"]), "val")
     cm = ConfusionMatrix(dataset.num_classes)
     for i in range(len(dataset)):
         pred = np.asarray(Image.open(tmp_path / "masks" / "labels" / f"{dataset.name(i)}.png")).astype(np.int64)

@@ -1,13 +1,13 @@
 """The recipe's optimizer and schedule: linear lr scaling, 10x heads, poly decay per iteration."""
+from dataclasses import replace
 import pytest
 
 from segkit.engine.optim import build_optimizer, build_scheduler, poly_factor, scaled_lr
-from segkit.errors import ConfigError
+from segkit.config import OptimSettings, ScheduleSettings
 from segkit.models.resnest import create_backbone
 from segkit.models.segmentor import Segmentor
 
-SGD = {"name": "sgd", "base_lr": 0.01, "base_batch_size": 16, "momentum": 0.9, "weight_decay": 1e-4,
-       "head_lr_mult": 10.0}
+SGD = OptimSettings(base_lr=0.01, base_batch_size=16, momentum=0.9, weight_decay=1e-4, head_lr_mult=10.0)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_heads_get_ten_times_the_backbone_lr(model):
 def test_poly_schedule_per_iteration(model):
     opt = build_optimizer(model, SGD, batch_size=16)
     total = 10
-    sched = build_scheduler(opt, {"name": "poly", "power": 0.9}, total)
+    sched = build_scheduler(opt, ScheduleSettings(power=0.9), total)
     seen = []
     for _ in range(total):
         seen.append([g["lr"] for g in opt.param_groups])
@@ -51,8 +51,8 @@ def test_warmup_then_poly():
 
 
 def test_unknown_optimizer_and_schedule(model):
-    with pytest.raises(ConfigError, match="unknown optimizer 'adam'; valid choices: sgd"):
-        build_optimizer(model, {**SGD, "name": "adam"}, 16)
+    with pytest.raises(ValueError, match="unknown optimizer 'adam'; valid choices: sgd"):
+        build_optimizer(model, replace(SGD, name="adam"), 16)
     opt = build_optimizer(model, SGD, 16)
-    with pytest.raises(ConfigError, match="unknown schedule 'cosine'; valid choices: poly"):
-        build_scheduler(opt, {"name": "cosine", "power": 1}, 10)
+    with pytest.raises(ValueError, match="unknown schedule 'cosine'; valid choices: poly"):
+        build_scheduler(opt, ScheduleSettings(name="cosine", power=1), 10)

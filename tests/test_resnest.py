@@ -6,7 +6,6 @@ import timm
 import torch
 from torch import nn
 
-from segkit.errors import ConfigError
 from segkit.models.norm import NORM_LAYERS, get_norm_layer
 from segkit.models.resnest import BACKBONES, Bottleneck, SplitAttention, create_backbone
 
@@ -166,11 +165,11 @@ def test_traced_and_exported_models_accept_another_batch_size():
 
 
 def test_bad_names_and_strides_are_config_errors():
-    with pytest.raises(ConfigError, match="resnest101.*resnet50d"):
+    with pytest.raises(ValueError, match="resnest101.*resnet50d"):
         create_backbone("resnest102")
-    with pytest.raises(ConfigError, match=r"output_stride must be one of \[8, 16, 32\], got 4"):
+    with pytest.raises(ValueError, match=r"output_stride must be one of \[8, 16, 32\], got 4"):
         create_backbone("resnest14", output_stride=4)
-    with pytest.raises(ConfigError, match="valid choices: bn, frozen_bn, gn"):
+    with pytest.raises(ValueError, match="valid choices: bn, frozen_bn, gn"):
         get_norm_layer("syncbatchnorm")
 
 

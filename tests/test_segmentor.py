@@ -3,13 +3,12 @@ import pytest
 import torch
 from torch import nn
 
-from segkit.errors import ConfigError
+from segkit.config import BackboneSettings, ModelSettings
 from segkit.models.heads import ASPP_RATES
 from segkit.models.resnest import create_backbone
 from segkit.models.segmentor import Segmentor, build_segmentor
 
-MODEL_CFG = {"aux": True, "channels": 256, "aspp_dropout": 0.5, "dropout": 0.1, "aux_dropout": 0.1,
-             "align_corners": True}
+MODEL_CFG = ModelSettings()
 
 
 @pytest.mark.parametrize("output_stride", [8, 16])
@@ -39,7 +38,7 @@ def test_head_structure_matches_reference():
 
 def test_batch_of_one_training_step():
     torch.manual_seed(0)
-    model = build_segmentor({"name": "resnest14", "output_stride": 8, "pretrained": None}, MODEL_CFG, 4).train()
+    model = build_segmentor(BackboneSettings(name="resnest14", output_stride=8), MODEL_CFG, 4).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     out = model(torch.randn(1, 3, 48, 48))
     loss = nn.functional.cross_entropy(out["out"], torch.randint(0, 4, (1, 48, 48)))
@@ -55,12 +54,12 @@ def test_image_pooling_branch_works_for_batch_of_one_in_eval():
 
 
 def test_stride_32_is_rejected():
-    with pytest.raises(ConfigError, match="output_stride of 8 or 16, got 32"):
+    with pytest.raises(ValueError, match="output_stride of 8 or 16, got 32"):
         Segmentor(create_backbone("resnest14", output_stride=32), num_classes=3)
 
 
 def test_without_aux_head():
-    model = build_segmentor({"name": "resnest14", "output_stride": 16}, {**MODEL_CFG, "aux": False}, 3)
+    model = build_segmentor(BackboneSettings(name="resnest14", output_stride=16), ModelSettings(aux=False), 3)
     assert model.aux_head is None and set(model.train()(torch.randn(2, 3, 32, 32))) == {"out"}
 
 

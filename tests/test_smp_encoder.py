@@ -9,7 +9,7 @@ from torchvision.ops import FrozenBatchNorm2d
 smp = pytest.importorskip("segmentation_models_pytorch")
 
 import segkit.models.pretrained as pretrained  # noqa: E402
-from segkit.errors import CheckpointError, ConfigError  # noqa: E402
+from segkit.errors import CheckpointError  # noqa: E402
 from segkit.models.norm import get_norm_layer  # noqa: E402
 from segkit.models.resnest import create_backbone  # noqa: E402
 from segkit.models.smp_encoder import SegkitEncoder, register_smp_encoders  # noqa: E402
@@ -98,11 +98,11 @@ def test_imagenet_weights_load_through_segkit(tmp_path, monkeypatch):
 def test_unavailable_weights_and_bad_names_are_user_errors():
     with pytest.raises(CheckpointError, match="no published ImageNet weights"):
         smp.encoders.get_encoder("segkit_resnet50d", weights="imagenet")
-    with pytest.raises(ConfigError, match="encoder 'segkit_resnest51'; valid choices: .*segkit_resnest50"):
+    with pytest.raises(ValueError, match="encoder 'segkit_resnest51'; valid choices: .*segkit_resnest50"):
         smp.Unet(encoder_name="segkit_resnest51", encoder_weights=None)
-    with pytest.raises(ConfigError, match="depth must be one of"):
+    with pytest.raises(ValueError, match="depth must be one of"):
         smp.encoders.get_encoder(NAME, depth=6)
-    with pytest.raises(ConfigError, match="output_stride"):
+    with pytest.raises(ValueError, match="output_stride"):
         smp.encoders.get_encoder(NAME, output_stride=4)
 
 
@@ -116,7 +116,7 @@ def test_registration_is_idempotent_and_leaves_smp_encoders_alone():
     # The registry entry alone (smp's unwrapped function, which calls make_dilated) builds it too.
     encoder = routed.__wrapped__(NAME, depth=4, weights=None, output_stride=8)
     assert isinstance(encoder, SegkitEncoder) and encoder.output_stride == 8
-    with pytest.raises(ConfigError, match="built with output_stride 8"):
+    with pytest.raises(ValueError, match="built with output_stride 8"):
         encoder.make_dilated(16)
     # smp's own encoders still go through smp's own function.
     assert smp.encoders.get_encoder("resnet18", weights=None).out_channels == [3, 64, 64, 128, 256, 512]

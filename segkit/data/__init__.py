@@ -1,12 +1,11 @@
 """Datasets returning (image, mask) pairs with masks in train ids and 255 = ignore.
 
-``build_dataset(cfg.dataset, split)`` builds one from a ``conf/dataset/*.yaml`` node; ``split`` is
-a split name of the dataset's layout or one of the aliases ``train`` / ``val`` (resolved through
-``train_split`` / ``val_split``).
+``build_dataset(settings, split)`` builds one from the typed dataset settings
+(:class:`segkit.config.DatasetSettings`); ``split`` is a split name of the dataset's layout or one
+of the aliases ``train`` / ``val`` (resolved through ``train_split`` / ``val_split``).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from segkit.data.ade20k import ADE20K_CLASSES, ADE20K_PALETTE, ADE20KDataset
@@ -14,11 +13,14 @@ from segkit.data.base import SegmentationDataset
 from segkit.data.cityscapes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, CityscapesDataset
 from segkit.data.demo import DEMO_CLASSES, DEMO_PALETTE, DemoDataset
 from segkit.data.folder import FolderDataset
-from segkit.data.transforms import build_train_transform, build_val_transform, seed_worker, worker_init_fn
+from segkit.data.preprocess import Preprocess
+from segkit.data.transforms import build_train_transform
 from segkit.errors import ConfigError
 
 if TYPE_CHECKING:
     import albumentations as A
+
+    from segkit.config import DatasetSettings
 
 DATASETS: dict[str, type[SegmentationDataset]] = {
     "ade20k": ADE20KDataset,
@@ -30,45 +32,38 @@ DATASETS: dict[str, type[SegmentationDataset]] = {
 __all__ = [
     "ADE20K_CLASSES", "ADE20K_PALETTE", "ADE20KDataset", "CITYSCAPES_CLASSES", "CITYSCAPES_PALETTE",
     "CityscapesDataset", "DATASETS", "DEMO_CLASSES", "DEMO_PALETTE", "DemoDataset", "FolderDataset",
-    "SegmentationDataset", "build_dataset", "build_train_transform", "build_val_transform",
-    "seed_worker", "worker_init_fn",
+    "Preprocess", "SegmentationDataset", "build_dataset", "build_train_transform", "train_transform",
 ]
 
 
-def build_dataset(cfg: Mapping[str, Any], split: str, transform: A.Compose | None = None) -> SegmentationDataset:
-    """The dataset named by ``cfg.name`` (one of :data:`DATASETS`) for ``split``.
+def train_transform(settings: DatasetSettings) -> A.Compose:
+    """The training augmentation of the recipe for these dataset settings."""
+    return build_train_transform(settings.base_size, settings.crop_size, settings.scale_range,
+                                 settings.preprocess, settings.jitter)
 
-    Without ``transform`` items are only normalised (``cfg.mean`` / ``cfg.std``); pass
-    ``build_train_transform(cfg)`` or ``build_val_transform(cfg)`` for the recipe.
+
+def build_dataset(settings: DatasetSettings, split: str, transform: A.Compose | None = None) -> SegmentationDataset:
+    """The dataset ``settings.name`` (one of :data:`DATASETS`) for ``split``.
+
+    Without ``transform`` items are only normalised; pass :func:`train_transform` for the recipe.
     """
-    name = cfg.get("name")
+    name = settings.name
     if name not in DATASETS:
         raise ConfigError(f"dataset.name={name!r} is not a known dataset; choose one of {', '.join(DATASETS)}")
-    if not cfg.get("root"):
-        raise ConfigError(f"dataset.root is not set for dataset '{name}'")
-    splits = {"train": cfg.get("train_split"), "val": cfg.get("val_split")}
+    splits = {"train": settings.train_split, "val": settings.val_split}
     split = splits.get(split) or split
-    kwargs: dict[str, Any] = {
-        "transform": transform,
-        "map_out_of_range_to_ignore": bool(cfg.get("map_out_of_range_to_ignore", False)),
-    }
-    for key in ("mean", "std"):
-        if cfg.get(key) is not None:
-            kwargs[key] = tuple(cfg[key])
+    kwargs: dict[str, Any] = {"transform": transform, "preprocess": settings.preprocess,
+                              "map_out_of_range_to_ignore": settings.map_out_of_range_to_ignore}
     if name == "demo":
-        kwargs.update({key: int(cfg[key]) for key in ("seed", "num_train", "num_val", "image_size")
-                       if cfg.get(key) is not None})
+        kwargs.update(seed=settings.seed, num_train=settings.num_train, num_val=settings.num_val,
+                      image_size=settings.image_size)
     if name == "folder":
         # Training and validation need masks; other splits (e.g. test) may be unlabelled.
         kwargs["require_masks"] = split in splits.values()
-    dataset = DATASETS[name](cfg["root"], split, **kwargs)
+    dataset = DATASETS[name](settings.root, split, **kwargs)
 
-    expected = cfg.get("num_classes")
-    if expected is not None and int(expected) != dataset.num_classes:
-        raise ConfigError(f"dataset.num_classes={expected} but the {name} dataset at {cfg['root']} "
+    expected = settings.num_classes
+    if expected is not None and expected != dataset.num_classes:
+        raise ConfigError(f"dataset.num_classes={expected} but the {name} dataset at {settings.root} "
                           f"has {dataset.num_classes} classes; fix the config or the class list")
-    ignore_index = cfg.get("ignore_index")
-    if ignore_index is not None and int(ignore_index) != dataset.ignore_index:
-        raise ConfigError(f"dataset.ignore_index={ignore_index}: masks are always remapped to "
-                          f"{dataset.ignore_index} for ignore; leave it at {dataset.ignore_index}")
     return dataset

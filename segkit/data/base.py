@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from segkit.data.transforms import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, normalize_transform
+from segkit.data.preprocess import Preprocess
+from segkit.data.transforms import IGNORE_INDEX, normalize_transform
 from segkit.errors import DataError
 
 if TYPE_CHECKING:  # importing albumentations goes through segkit.data.transforms (update check off)
@@ -189,7 +190,7 @@ class SegmentationDataset(Dataset):
 
     Subclasses list the files of their layout and pass them in with the class names, palette and
     the table from raw mask values to train ids. ``transform`` is an albumentations pipeline ending
-    in ``ToTensorV2``; without one, ``__getitem__`` only normalises with ``mean``/``std``.
+    in ``ToTensorV2``; without one, ``__getitem__`` only normalises (``preprocess``).
     """
 
     ignore_index: int = IGNORE_INDEX
@@ -204,8 +205,7 @@ class SegmentationDataset(Dataset):
         label_lut: np.ndarray,
         *,
         transform: A.Compose | None = None,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        preprocess: Preprocess = Preprocess(),
         map_out_of_range_to_ignore: bool = False,
     ) -> None:
         self.root = Path(root)
@@ -218,7 +218,7 @@ class SegmentationDataset(Dataset):
         self.label_lut = label_lut
         self.transform = transform
         self.map_out_of_range_to_ignore = map_out_of_range_to_ignore
-        self._normalize = normalize_transform(mean, std)
+        self._normalize = normalize_transform(preprocess)
 
     @property
     def num_classes(self) -> int:

@@ -6,9 +6,8 @@ ADE20K can label a user's photos on a machine without ADE20K.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,7 +15,10 @@ from segkit.data import ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITY
 from segkit.data import DEMO_CLASSES, DEMO_PALETTE
 from segkit.data.base import IMAGE_SUFFIXES, Sample, SegmentationDataset, index_files, make_lut
 from segkit.data.folder import read_class_file
-from segkit.errors import ConfigError, DataError
+from segkit.errors import DataError
+
+if TYPE_CHECKING:
+    from segkit.config import DatasetSettings
 
 
 # Label spaces fixed by the dataset; a folder dataset's classes live next to its data.
@@ -24,18 +26,16 @@ _LABEL_SPACES = {"ade20k": (ADE20K_CLASSES, ADE20K_PALETTE), "cityscapes": (CITY
                  "demo": (DEMO_CLASSES, DEMO_PALETTE)}
 
 
-def _label_space(cfg: Mapping[str, Any]) -> tuple[type[SegmentationDataset], list[str], np.ndarray]:
-    name = cfg.get("name")
-    if name not in DATASETS:
-        raise ConfigError(f"dataset.name={name!r} is not a known dataset; choose one of {', '.join(DATASETS)}")
+def _label_space(settings: DatasetSettings) -> tuple[type[SegmentationDataset], list[str], np.ndarray]:
+    name = settings.name
     if name == "folder":
-        classes, _, palette = read_class_file(Path(cfg["root"]))
+        classes, _, palette = read_class_file(Path(settings.root))
     else:
         classes, palette = _LABEL_SPACES[name]
     return DATASETS[name], list(classes), np.asarray(palette)
 
 
-def image_folder(cfg: Mapping[str, Any], folder: str | Path) -> SegmentationDataset:
+def image_folder(settings: DatasetSettings, folder: str | Path) -> SegmentationDataset:
     """Every image below ``folder`` (names keep their subfolders), unlabelled."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -43,10 +43,10 @@ def image_folder(cfg: Mapping[str, Any], folder: str | Path) -> SegmentationData
     files = index_files(folder, IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {folder}")
-    cls, classes, palette = _label_space(cfg)
+    cls, classes, palette = _label_space(settings)
     # The dataset class supplies encode_prediction (the submission format); its constructor, which
     # lists the dataset's own layout, is skipped.
     dataset = cls.__new__(cls)
     SegmentationDataset.__init__(dataset, folder, "predict", [Sample(k, p, None) for k, p in sorted(files.items())],
-                                 classes, palette, make_lut({}), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+                                 classes, palette, make_lut({}), preprocess=settings.preprocess)
     return dataset

@@ -17,13 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from segkit.engine import distributed
+from segkit import distributed
 from segkit.errors import ConfigError
+from segkit.data.preprocess import Preprocess
 from segkit.metrics import ConfusionMatrix, check_convention
 from segkit.models.bn_fold import fold_batchnorm
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                    "fp16": torch.float16, "float16": torch.float16}
@@ -256,8 +254,7 @@ class _Shard(torch.utils.data.Dataset):
 
 def evaluate(model: nn.Module, dataset: SegDataset, *, scales: Sequence[float] | None = None,
              flip: bool = False, base_size: int | None = None, crop_size: int | None = None,
-             mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-             convention: str = "present", pad_multiple: int = 8, max_batch: int | str = "auto",
+             preprocess: Preprocess = Preprocess(), convention: str = "present", pad_multiple: int = 8, max_batch: int | str = "auto",
              autocast: AutocastDtype = None, device: torch.device | str | None = None,
              num_workers: int = 2, progress: bool = True,
              callback: ImageCallback | None = None) -> dict[str, Any]:
@@ -267,8 +264,7 @@ def evaluate(model: nn.Module, dataset: SegDataset, *, scales: Sequence[float] |
     ``flip`` together with its mirror, softmax probabilities summed);
     with ``scales`` (plus ``base_size`` and ``crop_size``) by :func:`predict_multiscale`, in
     forwards of ``max_batch`` windows (:func:`resolve_max_batch`).
-    ``mean``/``std`` (0-1 scale) normalise the raw uint8 images; padding uses raw black, as the
-    training pipeline does.
+    ``preprocess`` normalises the raw uint8 images; padding is a black pixel, as in training.
 
     Under torch.distributed rank r evaluates images r, r + world, ... and the confusion matrices
     are summed, so the result equals a single-process run exactly. Every rank must call this.
@@ -284,9 +280,7 @@ def evaluate(model: nn.Module, dataset: SegDataset, *, scales: Sequence[float] |
         device = next(model.parameters()).device
     device = torch.device(device)
     max_batch = resolve_max_batch(max_batch, crop_size if scales is not None else None, device)
-    mean_t = torch.tensor(mean, device=device).view(3, 1, 1)
-    std_t = torch.tensor(std, device=device).view(3, 1, 1)
-    pad_value = (-mean_t / std_t).flatten().tolist()
+    pad_value = preprocess.pad_value
     confmat = ConfusionMatrix(dataset.num_classes, dataset.ignore_index, device)
 
     shard = _Shard(dataset, distributed.get_rank(), distributed.get_world_size())
@@ -300,8 +294,7 @@ def evaluate(model: nn.Module, dataset: SegDataset, *, scales: Sequence[float] |
     try:
         with torch.inference_mode():
             for index, image, mask in loader:
-                x = image.to(device, non_blocking=True).permute(2, 0, 1).float().div_(255)
-                x = (x - mean_t) / std_t
+                x = preprocess(image.to(device, non_blocking=True))
                 if scales is None and flip:  # the image and its mirror in one batch
                     logits = predict_single(model, torch.stack([x, x.flip(-1)]), pad_multiple=pad_multiple,
                                             pad_value=pad_value, autocast=autocast)

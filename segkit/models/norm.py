@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from segkit.errors import ConfigError
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -35,7 +34,7 @@ NORM_LAYERS: dict[str, NormLayer] = {
 def get_norm_layer(name: str) -> NormLayer:
     """Return the constructor for norm ``name`` (one of :data:`NORM_LAYERS`)."""
     if name not in NORM_LAYERS:
-        raise ConfigError(f"unknown norm {name!r}; valid choices: {', '.join(NORM_LAYERS)}")
+        raise ValueError(f"unknown norm {name!r}; valid choices: {', '.join(NORM_LAYERS)}")
     return NORM_LAYERS[name]
 
 

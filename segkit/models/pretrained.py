@@ -13,7 +13,7 @@ from urllib.error import URLError
 import torch
 from torch import nn
 
-from segkit.checkpoint import load_file
+from segkit.files import load_file
 from segkit.errors import CheckpointError
 
 # The original ResNeSt releases (the hex is a sha256 prefix, checked by torch.hub on download);

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segkit.errors import ConfigError
 from segkit.models.norm import NormLayer, norm_pooled
 
 
@@ -169,7 +168,7 @@ class ResNeSt(nn.Module):
     ) -> None:
         super().__init__()
         if output_stride not in _DILATED_STAGES:
-            raise ConfigError(f"output_stride must be one of {sorted(_DILATED_STAGES)}, got {output_stride!r}")
+            raise ValueError(f"output_stride must be one of {sorted(_DILATED_STAGES)}, got {output_stride!r}")
         self.output_stride = output_stride
         self.inplanes = 2 * stem_width
         self._block_args = dict(radix=radix, cardinality=cardinality, bottleneck_width=bottleneck_width,
@@ -244,7 +243,7 @@ def register_backbone(fn: Callable[..., ResNeSt]) -> Callable[..., ResNeSt]:
 def create_backbone(name: str, **kwargs) -> ResNeSt:
     """Build a backbone by name; ``kwargs`` go to :class:`ResNeSt` (output_stride, norm_layer, ...)."""
     if name not in BACKBONES:
-        raise ConfigError(f"unknown backbone {name!r}; valid choices: {', '.join(BACKBONES)}")
+        raise ValueError(f"unknown backbone {name!r}; valid choices: {', '.join(BACKBONES)}")
     return BACKBONES[name](**kwargs)
 
 

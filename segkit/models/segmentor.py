@@ -1,17 +1,19 @@
 """A backbone of the ResNeSt family joined with the DeepLabV3 head (and the auxiliary FCN head)."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segkit.errors import ConfigError
 from segkit.models.heads import ASPP_RATES, DeepLabV3Head, FCNHead
 from segkit.models.norm import get_norm_layer
 from segkit.models.pretrained import load_pretrained
 from segkit.models.resnest import ResNeSt, create_backbone
+
+if TYPE_CHECKING:
+    from segkit.config import BackboneSettings, ModelSettings
 
 
 class Segmentor(nn.Module):
@@ -27,7 +29,7 @@ class Segmentor(nn.Module):
                  align_corners: bool = True, norm_layer=nn.BatchNorm2d) -> None:
         super().__init__()
         if backbone.output_stride not in ASPP_RATES:
-            raise ConfigError(f"DeepLabV3 needs a backbone output_stride of 8 or 16, got {backbone.output_stride}")
+            raise ValueError(f"DeepLabV3 needs a backbone output_stride of 8 or 16, got {backbone.output_stride}")
         self.backbone = backbone
         self.num_classes = num_classes
         self.align_corners = align_corners
@@ -55,18 +57,17 @@ class Segmentor(nn.Module):
         return [p for h in heads for p in h.parameters()]
 
 
-def build_segmentor(backbone_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], num_classes: int,
+def build_segmentor(backbone: BackboneSettings, model: ModelSettings, num_classes: int,
                     load_weights: bool = True) -> Segmentor:
-    """Build the segmentor from the ``backbone`` and ``model`` config nodes.
+    """Build the segmentor from the backbone and model settings.
 
     ``load_weights=False`` skips the ImageNet weights (when a segkit checkpoint follows anyway).
     """
-    norm_layer = get_norm_layer(backbone_cfg.get("norm", "bn"))
-    backbone = create_backbone(backbone_cfg["name"], output_stride=backbone_cfg["output_stride"],
-                               norm_layer=norm_layer, zero_init_last=backbone_cfg.get("zero_init_last", False))
+    norm_layer = get_norm_layer(backbone.norm)
+    net = create_backbone(backbone.name, output_stride=backbone.output_stride, norm_layer=norm_layer,
+                          zero_init_last=backbone.zero_init_last)
     if load_weights:
-        load_pretrained(backbone, backbone_cfg.get("pretrained"), backbone_cfg["name"])
-    return Segmentor(backbone, num_classes, aux=model_cfg["aux"], channels=model_cfg["channels"],
-                     aspp_dropout=model_cfg["aspp_dropout"], dropout=model_cfg["dropout"],
-                     aux_dropout=model_cfg["aux_dropout"], align_corners=model_cfg["align_corners"],
+        load_pretrained(net, backbone.pretrained, backbone.name)
+    return Segmentor(net, num_classes, aux=model.aux, channels=model.channels, aspp_dropout=model.aspp_dropout,
+                     dropout=model.dropout, aux_dropout=model.aux_dropout, align_corners=model.align_corners,
                      norm_layer=norm_layer)

@@ -39,7 +39,6 @@ except ImportError as e:
     raise ImportError("segkit.models.smp_encoder needs segmentation-models-pytorch: "
                       "pip install 'segkit[smp]'") from e
 
-from segkit.errors import ConfigError
 from segkit.models.pretrained import load_pretrained
 from segkit.models.resnest import BACKBONES, create_backbone
 
@@ -63,7 +62,7 @@ class SegkitEncoder(nn.Module, EncoderMixin):
     def __init__(self, name: str, depth: int = 5, output_stride: int = 32,
                  weights: str | os.PathLike | None = None, **backbone_kwargs: Any) -> None:
         if depth not in DEPTHS:
-            raise ConfigError(f"encoder depth must be one of {DEPTHS}, got {depth!r}")
+            raise ValueError(f"encoder depth must be one of {DEPTHS}, got {depth!r}")
         super().__init__()
         backbone = create_backbone(name, output_stride=output_stride, **backbone_kwargs)
         # Weights load into the whole backbone (strict keys) before stages past ``depth`` are dropped.
@@ -100,7 +99,7 @@ class SegkitEncoder(nn.Module, EncoderMixin):
         after, only confirms it.
         """
         if output_stride != self._output_stride:
-            raise ConfigError(f"this encoder was built with output_stride {self._output_stride}; build a "
+            raise ValueError(f"this encoder was built with output_stride {self._output_stride}; build a "
                               f"new one for output_stride {output_stride!r} (valid choices: 8, 16, 32)")
 
 
@@ -114,7 +113,7 @@ def create_encoder(name: str, in_channels: int = 3, depth: int = 5,
                    **backbone_kwargs: Any) -> SegkitEncoder:
     """Build encoder ``name`` (``segkit_<backbone>``) as smp's ``get_encoder`` would, weights included."""
     if name not in encoder_names():
-        raise ConfigError(f"unknown segkit encoder {name!r}; valid choices: {', '.join(encoder_names())}")
+        raise ValueError(f"unknown segkit encoder {name!r}; valid choices: {', '.join(encoder_names())}")
     encoder = SegkitEncoder(name[len(PREFIX):], depth, output_stride, weights, **backbone_kwargs)
     # After the weights, so that smp can adapt pretrained stem filters to other channel counts.
     encoder.set_in_channels(in_channels, pretrained=weights is not None)

@@ -27,8 +27,9 @@ def get_world_size() -> int:
 
 
 def is_main_process() -> bool:
-    """Rank 0 alone logs, shows progress bars and writes run-level files."""
-    return get_rank() == 0
+    """Rank 0 alone logs, shows progress bars and writes run-level files. Before the process group
+    is initialised (or without one) the launcher's ``RANK`` variable decides."""
+    return get_rank() == 0 if is_dist() else int(os.environ.get("RANK", "0")) == 0
 
 
 def barrier() -> None:
@@ -55,12 +56,8 @@ class Env:
     world_size: int
     device: torch.device
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
-
-def setup_distributed(device: str) -> Env:
+def setup_distributed(device: str, key: str = "train.device") -> Env:
     """Join the process group torchrun (or SLURM via submitit) describes; NCCL on CUDA, gloo on CPU."""
     if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
         try:  # hydra's submitit launcher: one task per GPU, rendezvous from the SLURM variables
@@ -71,9 +68,9 @@ def setup_distributed(device: str) -> Env:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"train.device={device!r}; valid choices: auto, cpu, cuda")
+        raise ConfigError(f"{key}={device!r}; valid choices: auto, cpu, cuda")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=auto or cpu")
+        raise ConfigError(f"{key}=cuda but no CUDA device is available; use {key}=auto or cpu")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(local_rank)
