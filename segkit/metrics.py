@@ -35,11 +35,13 @@ def check_convention(convention: str) -> None:
 class ConfusionMatrix:
     """``num_classes`` x ``num_classes`` counts, rows = ground truth, columns = prediction.
 
-    The counts live in one flat int64 buffer on ``device`` with two extra bins, one for pixels whose
-    target is ``ignore_index`` and one for pixels with a label outside ``[0, num_classes)``: sorting
-    every pixel into a bin with ``torch.where`` lets a single ``torch.bincount`` per batch do all
-    the work without boolean indexing (which would synchronise with the host), and one all-reduce
-    of the buffer merges every rank's counts.
+    The counts live in one flat int64 buffer on ``device`` with three extra bins: pixels whose
+    target is ``ignore_index``, pixels whose target is outside ``[0, num_classes)`` (and not
+    ``ignore_index``), and pixels whose prediction is outside ``[0, num_classes)`` (wherever the
+    target, ignored or not: a prediction must always be a class). Sorting every pixel into a bin
+    with ``torch.where`` lets a single ``torch.bincount`` per batch do all the work without boolean
+    indexing (which would synchronise with the host), and one all-reduce of the buffer merges every
+    rank's counts. :meth:`compute` raises if either invalid bin is non-empty, naming the culprit.
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255,
@@ -48,7 +50,7 @@ class ConfusionMatrix:
             raise ConfigError(f"num_classes must be at least 1, got {num_classes}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.counts = torch.zeros(num_classes * num_classes + 2, dtype=torch.int64, device=device)
+        self.counts = torch.zeros(num_classes * num_classes + 3, dtype=torch.int64, device=device)
 
     @property
     def mat(self) -> torch.Tensor:
@@ -57,13 +59,23 @@ class ConfusionMatrix:
 
     @property
     def ignored(self) -> int:
-        """Pixels whose target was ``ignore_index``."""
+        """Pixels whose target was ``ignore_index`` (and whose prediction was a class)."""
+        return int(self.counts[-3])
+
+    @property
+    def invalid_targets(self) -> int:
+        """Pixels whose target was neither a class nor ``ignore_index`` (prediction a class)."""
         return int(self.counts[-2])
+
+    @property
+    def invalid_predictions(self) -> int:
+        """Pixels whose prediction was not a class, whatever their target."""
+        return int(self.counts[-1])
 
     @property
     def invalid(self) -> int:
         """Pixels whose target or prediction was neither a class nor ``ignore_index``."""
-        return int(self.counts[-1])
+        return self.invalid_targets + self.invalid_predictions
 
     def reset(self) -> None:
         self.counts.zero_()
@@ -77,10 +89,10 @@ class ConfusionMatrix:
         device = self.counts.device
         pred = pred.to(device, torch.int64, non_blocking=True).flatten()
         target = target.to(device, torch.int64, non_blocking=True).flatten()
-        valid = (target >= 0) & (target < n) & (pred >= 0) & (pred < n)
-        bins = torch.where(valid, target * n + pred, n * n + 1)
+        bins = torch.where((target >= 0) & (target < n), target * n + pred, n * n + 1)
         bins = torch.where(target == self.ignore_index, n * n, bins)
-        self.counts += torch.bincount(bins, minlength=n * n + 2)
+        bins = torch.where((pred >= 0) & (pred < n), bins, n * n + 2)
+        self.counts += torch.bincount(bins, minlength=n * n + 3)
 
     def reduce_from_all_processes(self) -> None:
         """Sum the counts over all ranks (collective: call it once, on every rank)."""
@@ -93,13 +105,23 @@ class ConfusionMatrix:
         ``mIoU_all``, ``mIoU_present``; ``mAcc`` (mean accuracy over classes with labelled pixels,
         as mmsegmentation); ``fwIoU`` (IoU weighted by ground-truth frequency); ``present`` (per
         class: non-empty union); ``convention``; ``labelled_pixels``, ``ignored_pixels``.
-        With no labelled pixel at all, pixAcc, mAcc, fwIoU and mIoU_present are NaN.
+        With no labelled pixel at all pixAcc is 0.0, as the original code reports it (correct /
+        (eps + labelled)), and mAcc, fwIoU and mIoU_present are NaN (means over no class).
+
+        Raises ValueError if a prediction was outside ``[0, num_classes)`` (the model or whatever
+        made the predictions is at fault) and DataError if a target was neither a class nor
+        ``ignore_index`` (the masks are).
         """
         check_convention(convention)
-        if self.invalid:
+        if self.invalid_predictions:
+            raise ValueError(
+                f"{self.invalid_predictions} pixels have a predicted class outside "
+                f"[0, {self.num_classes}); predictions must be class indices of the "
+                f"{self.num_classes}-class model")
+        if self.invalid_targets:
             raise DataError(
-                f"{self.invalid} pixels have a label outside [0, {self.num_classes}) that is not "
-                f"ignore_index={self.ignore_index}; masks must hold train ids")
+                f"{self.invalid_targets} pixels have a label outside [0, {self.num_classes}) that is "
+                f"not ignore_index={self.ignore_index}; masks must hold train ids")
         mat = self.mat.double().cpu()
         tp = mat.diag()
         gt = mat.sum(1)
@@ -111,7 +133,7 @@ class ConfusionMatrix:
         labelled = gt > 0
         mean_present = iou[present].mean() if present.any() else torch.tensor(math.nan)
         result = {
-            "pixAcc": (tp.sum() / total).item(),
+            "pixAcc": (tp.sum() / total).item() if total > 0 else 0.0,
             "mIoU_all": (iou.nan_to_num(0.0).sum() / self.num_classes).item(),
             "mIoU_present": mean_present.item(),
             "mAcc": acc[labelled].mean().item() if labelled.any() else math.nan,

@@ -95,7 +95,17 @@ def test_all_class_convention_by_hand():
 
 def test_empty_matrix_is_undefined_not_perfect():
     res = ConfusionMatrix(3).compute()
-    assert math.isnan(res["pixAcc"]) and math.isnan(res["mIoU"]) and res["mIoU_all"] == 0.0
+    # pixAcc as the original code reports it, correct / (eps + labelled): 0, never NaN.
+    assert res["pixAcc"] == 0.0 and math.isnan(res["mIoU"]) and res["mIoU_all"] == 0.0
+
+
+def test_no_labelled_pixel_gives_zero_pixacc_not_nan():
+    cm = ConfusionMatrix(3)
+    cm.update(torch.tensor([[0, 1], [2, 2]]), torch.full((2, 2), 255))
+    res = cm.compute("all")
+    assert res["pixAcc"] == 0.0 and res["labelled_pixels"] == 0 and res["ignored_pixels"] == 4
+    assert res["mIoU"] == res["mIoU_all"] == 0.0
+    assert math.isnan(res["mIoU_present"]) and math.isnan(res["mAcc"]) and math.isnan(res["fwIoU"])
 
 
 def test_counts_match_python_loop():
@@ -114,8 +124,30 @@ def test_invalid_labels_and_convention_are_reported():
     cm.update(torch.tensor([0, 1]), torch.tensor([0, 7]))
     with pytest.raises(DataError, match="1 pixels have a label outside \\[0, 3\\)"):
         cm.compute()
+    assert cm.invalid_targets == cm.invalid == 1 and cm.invalid_predictions == 0
     with pytest.raises(ConfigError, match="'mean'"):
         ConfusionMatrix(3).compute("mean")
+
+
+@pytest.mark.parametrize("target", [[0, 1, 2, 1], [0, 1, 255, 255]], ids=["labelled", "ignored"])
+@pytest.mark.parametrize("bad", [3, -1, 255])
+def test_invalid_prediction_blames_the_prediction(bad, target):
+    cm = ConfusionMatrix(3)
+    cm.update(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 2, 1]))
+    cm.update(torch.tensor([0, 1, bad, bad]), torch.tensor(target))  # also where the target is ignored
+    assert cm.invalid_predictions == 2 and cm.invalid_targets == 0
+    with pytest.raises(ValueError, match="2 pixels have a predicted class outside \\[0, 3\\)") as info:
+        cm.compute()
+    assert not isinstance(info.value, DataError) and "mask" not in str(info.value)
+    assert cm.mat.sum() == 4 + 2  # the valid pixels are still counted
+
+
+def test_invalid_prediction_and_target_on_the_same_pixel_blame_the_prediction():
+    cm = ConfusionMatrix(3)
+    cm.update(torch.tensor([5, 0]), torch.tensor([9, 7]))
+    assert (cm.invalid_predictions, cm.invalid_targets) == (1, 1)
+    with pytest.raises(ValueError, match="1 pixels have a predicted class"):
+        cm.compute()
 
 
 def test_format_table():

@@ -70,10 +70,38 @@ def _pad(x: torch.Tensor, height: int, width: int, value: PadValue) -> torch.Ten
     return out
 
 
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _resize(x: torch.Tensor, size: tuple[int, int], align_corners: bool) -> torch.Tensor:
+    """Bilinear resize of ``x`` (N x C x h x w) to ``size``; a no-op at the same size."""
     if tuple(x.shape[-2:]) == size:
         return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+
+
+def _log_resize(log_x: torch.Tensor, size: tuple[int, int], align_corners: bool) -> torch.Tensor:
+    """``log(_resize(exp(log_x)))`` for ``log_x`` C x h x w, computed without leaving log space.
+
+    Bilinear interpolation is separable and each output pixel along an axis mixes at most two
+    input pixels, ``w0 * v[i0] + w1 * v[i1]``; in log space that is
+    ``logaddexp(log w0 + log_v[i0], log w1 + log_v[i1])``, which neither overflows nor underflows
+    however large the values are. The weights are PyTorch's own: they are read off
+    ``F.interpolate`` applied to an identity matrix, one axis at a time.
+    """
+    for dim, (length, target) in enumerate(zip(log_x.shape[-2:], size), start=1):
+        if length == target:
+            continue
+        eye = torch.eye(length, dtype=torch.float32, device=log_x.device).view(1, length, length, 1)
+        weights = F.interpolate(eye, size=(target, 1), mode="bilinear",
+                                align_corners=align_corners)[0, :, :, 0].T  # target x length
+        first = (weights > 0).to(torch.int8).argmax(1)  # each row is w0 at i0, w1 at i0 + 1
+        second = (first + 1).clamp(max=length - 1)
+        w0 = weights.gather(1, first[:, None])[:, 0]
+        # At the last input pixel PyTorch puts both weights on it: w0 above already holds them.
+        w1 = torch.where(second > first, weights.gather(1, second[:, None])[:, 0], 0.0)
+        shape = [1, 1, 1]
+        shape[dim] = target
+        log_x = torch.logaddexp(log_x.index_select(dim, first) + w0.log().view(shape),
+                                log_x.index_select(dim, second) + w1.log().view(shape))
+    return log_x
 
 
 def _forward(model: nn.Module, x: torch.Tensor, autocast: AutocastDtype) -> torch.Tensor:
@@ -141,80 +169,163 @@ def prepare_model(model: nn.Module, device: torch.device | str, *, channels_last
     return torch.compile(model, options={"freezing": True}) if compile else model
 
 
-def _window_starts(length: int, crop: int, stride: int) -> list[int]:
-    # As many windows as the original code (ceil((L - crop) / stride) + 1), but the last one ends at
-    # the border instead of hanging over it into extra padding.
+#: ``fusion`` choices of :func:`predict_multiscale`: how the views' outputs are combined.
+FUSIONS = ("softmax", "original")
+#: ``window_placement`` choices of :func:`predict_multiscale`: where the last window of a row or
+#: column goes.
+WINDOW_PLACEMENTS = ("border", "original")
+
+
+def check_multiscale_options(fusion: str, window_placement: str) -> None:
+    """Raise ValueError unless ``fusion`` is one of :data:`FUSIONS` and ``window_placement`` one
+    of :data:`WINDOW_PLACEMENTS`."""
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+    if window_placement not in WINDOW_PLACEMENTS:
+        raise ValueError(f"window_placement must be one of {WINDOW_PLACEMENTS}, got {window_placement!r}")
+
+
+def _windows(length: int, crop: int, stride: int, placement: str) -> list[tuple[int, int]]:
+    """``(start, extent)`` of the windows along an axis of ``length >= crop`` pixels.
+
+    There are as many as in the original code, ``ceil((length - crop) / stride) + 1``. With
+    ``"original"`` window k starts at ``k * stride`` and ends at ``min(start + crop, length)``, so
+    the last ones may be shorter than the crop (they are padded up to it for the forward). With
+    ``"border"`` the last one is moved back to end at the border: every window is a full crop of
+    the image and none runs into extra padding.
+    """
     count = math.ceil((length - crop) / stride) + 1
-    return [min(i * stride, length - crop) for i in range(count)]
+    if placement == "border":
+        return [(min(k * stride, length - crop), crop) for k in range(count)]
+    return [(k * stride, min(crop, length - k * stride)) for k in range(count)]
+
+
+#: A window of a :class:`_ScaleView`: top, left, height, width (height and width at most the crop).
+Box = tuple[int, int, int, int]
 
 
 class _ScaleView:
-    """The image at one scale, padded to at least the crop, with its crop-size windows and the
-    probabilities accumulated over them (allocated on first use, freed by :meth:`finish`).
-    ``pending`` counts the window forwards (``copies`` per window: 2 with flip) still to add."""
+    """The image at one scale, padded to at least the crop, with its windows and what has been
+    accumulated over them (allocated on first use, freed by :meth:`finish`).
+    ``pending`` counts the window forwards (``copies`` per window: 2 with flip) still to add.
 
-    def __init__(self, image: torch.Tensor, size: tuple[int, int], crop: int,
-                 pad_value: PadValue, copies: int) -> None:
+    With fusion ``"softmax"`` the accumulator sums probabilities; with ``"original"`` it holds
+    ``log(sum over windows of exp(l + l_flipped))`` (logaddexp, so nothing overflows), and the
+    first logits of a flip pair wait in ``half`` until the other copy arrives.
+    """
+
+    def __init__(self, image: torch.Tensor, size: tuple[int, int], crop: int, pad_value: PadValue,
+                 copies: int, *, fusion: str, window_placement: str, align_corners: bool) -> None:
         self.size = size
         self.crop = crop
-        self.image = _pad(_resize(image[None], size)[0], max(size[0], crop), max(size[1], crop),
-                          pad_value)
+        self.pad_value = pad_value
+        self.copies = copies
+        self.fusion = fusion
+        self.align_corners = align_corners
+        self.image = _pad(_resize(image[None], size, align_corners)[0], max(size[0], crop),
+                          max(size[1], crop), pad_value)
         height, width = self.image.shape[-2:]
         stride = int(crop * 2 / 3)
-        self.boxes = [(y, x) for y in _window_starts(height, crop, stride)
-                      for x in _window_starts(width, crop, stride)]
+        self.boxes: list[Box] = [(y, x, hy, wx)
+                                 for y, hy in _windows(height, crop, stride, window_placement)
+                                 for x, wx in _windows(width, crop, stride, window_placement)]
         self.pending = len(self.boxes) * copies
-        self.probs: torch.Tensor | None = None
+        self.acc: torch.Tensor | None = None
+        self.half: dict[Box, torch.Tensor] = {}
 
-    def window(self, y: int, x: int, mirrored: bool) -> torch.Tensor:
-        win = self.image[:, y:y + self.crop, x:x + self.crop]
+    def window(self, box: Box, mirrored: bool) -> torch.Tensor:
+        """The crop x crop input of ``box``: a window that stops short of the crop (placement
+        ``"original"``) is padded at the bottom/right first, then the whole is mirrored."""
+        y, x, hy, wx = box
+        win = _pad(self.image[:, y:y + hy, x:x + wx], self.crop, self.crop, self.pad_value)
         return win.flip(-1) if mirrored else win
 
-    def add(self, probs: torch.Tensor, y: int, x: int, mirrored: bool) -> None:
-        if self.probs is None:
-            self.probs = probs.new_zeros((probs.shape[0], *self.image.shape[-2:]))
-        self.probs[:, y:y + self.crop, x:x + self.crop] += probs.flip(-1) if mirrored else probs
+    def add(self, out: torch.Tensor, box: Box, mirrored: bool) -> None:
+        """Add one forward's output C x crop x crop for ``box``: probabilities for fusion
+        ``"softmax"``, raw logits for ``"original"``. It is un-mirrored, then cropped to the box."""
+        y, x, hy, wx = box
+        out = (out.flip(-1) if mirrored else out)[:, :hy, :wx]
         self.pending -= 1
+        if self.fusion == "original" and self.copies == 2:
+            first = self.half.pop(box, None)
+            if first is None:
+                self.half[box] = out
+                return
+            out = first + out  # l + l_flipped
+        if self.acc is None:
+            fill = 0.0 if self.fusion == "softmax" else -math.inf
+            self.acc = out.new_full((out.shape[0], *self.image.shape[-2:]), fill)
+        region = self.acc[:, y:y + hy, x:x + wx]
+        if self.fusion == "softmax":
+            region += out
+        else:
+            region.copy_(torch.logaddexp(region, out))
 
     def finish(self, out_size: tuple[int, int]) -> torch.Tensor:
-        """Overlaps averaged, padding cropped off, resized to ``out_size``."""
-        count = torch.zeros_like(self.probs[:1])
-        for y, x in self.boxes:
-            count[:, y:y + self.crop, x:x + self.crop] += 1
-        probs = (self.probs / count)[None, :, :self.size[0], :self.size[1]]
-        self.probs = None
-        return _resize(probs, out_size)[0]
+        """Overlaps averaged, padding cropped off, resized to ``out_size``: probabilities summed
+        over the flips (fusion ``"softmax"``) or the log of the original's score map."""
+        count = torch.zeros_like(self.acc[:1])
+        for y, x, hy, wx in self.boxes:
+            count[:, y:y + hy, x:x + wx] += 1
+        h, w = self.size
+        acc, self.acc = self.acc, None
+        if self.fusion == "softmax":
+            return _resize((acc / count)[None, :, :h, :w], out_size, self.align_corners)[0]
+        return _log_resize((acc - count.log())[:, :h, :w], out_size, self.align_corners)
 
 
 @torch.inference_mode()
 def predict_multiscale(model: nn.Module, image: torch.Tensor, scales: Sequence[float], flip: bool,
                        base_size: int, crop_size: int, num_classes: int, *, max_batch: int = 8,
                        pad_value: PadValue = 0.0, autocast: AutocastDtype = None,
-                       argmax: bool = False) -> torch.Tensor:
+                       argmax: bool = False, align_corners: bool = True, fusion: str = "softmax",
+                       window_placement: str = "border") -> torch.Tensor:
     """Multi-scale (+ flip) prediction for one normalised image 3 x H x W, as in the paper.
 
     For each scale the image is resized (bilinear, aspect kept) so that its long side is
-    ``ceil(base_size * scale)``. If that fits in ``crop_size`` it is padded to the crop and run
-    once; otherwise crop-size windows with stride ``int(crop_size * 2 / 3)`` are run and
-    overlapping probabilities averaged (a short side below the crop is padded first). With
-    ``flip`` the mirrored windows are run too and un-mirrored. Each scale's map is resized back
-    to H x W and the maps are summed over scales and flips.
+    ``ceil(base_size * scale)`` (the short side ``int(short * long / long_side + 0.5)``) and
+    padded at the bottom/right to at least ``crop_size`` with ``pad_value`` (pass the normalised
+    value of a black pixel, ``-mean / std`` per channel, as the original does). Crop-size windows
+    with stride ``int(crop_size * 2 / 3)``, ``ceil((padded - crop) / stride) + 1`` per axis, are
+    run (a single one when the scaled image fits the crop) and overlaps averaged by count. With
+    ``flip`` the mirrored windows are run too and un-mirrored. Each scale's map is cropped to the
+    scaled image, resized back to H x W and the maps are summed over scales.
 
     Every window is crop x crop whatever the scale, so the windows of all scales and their
     mirrored copies are stacked into forwards of ``max_batch`` images: a few full batches instead
-    of one small forward per window keep the device busy. Each scale's probability map lives
-    only until its last window is done.
+    of one small forward per window keep the device busy. Each scale's map lives only until its
+    last window is done. The model must be in eval mode.
 
-    Returns float32 probabilities C x H x W that sum to ``len(scales) * (2 if flip else 1)`` per
-    pixel (divide by that for a mean), or their argmax H x W when ``argmax``.
+    Three choices have the original PyTorch-Encoding ``MultiEvalModule`` behaviour as an option:
 
-    Unlike the original code, which summed the raw logits of the flip pair and exponentiated
-    (``exp(l + l_flipped)``, unnormalised scores), we sum softmax probabilities: a per-pixel
-    offset of the logits changes nothing, every scale and flip weighs the same at every pixel
-    (no single overconfident view dominates) and values stay bounded under fp16/bf16 autocast.
-    The last window of a row/column is aligned to the border rather than padded past it.
-    The model must be in eval mode.
+    ``align_corners`` (default True, the original's): of both bilinear resizes, the image to each
+    scale and each scale's map back to H x W.
+
+    ``window_placement``: ``"border"`` (default) moves the last window of a row/column back so it
+    ends at the image border, so every window is image content. ``"original"`` starts window k at
+    ``k * stride`` and ends it at ``min(start + crop, padded)``; a window cut short is padded to
+    the crop with ``pad_value`` for the forward and its output cropped back.
+
+    ``fusion``: ``"softmax"`` (default) sums softmax probabilities of every view (scale and flip,
+    windows averaged): a per-pixel offset of the logits changes nothing, every scale and flip weighs
+    the same at every pixel (no single overconfident view dominates) and values stay bounded under
+    fp16/bf16 autocast. It returns float32 probabilities C x H x W summing to
+    ``len(scales) * (2 if flip else 1)`` per pixel (divide by that for a mean).
+    ``"original"`` scores each scale with ``exp(l + l_flipped)`` (``exp(l)`` without flip; ``l``
+    the window's logits, ``l_flipped`` the un-mirrored logits of the mirrored window), averages
+    overlapping windows of those scores, resizes the map and sums over scales, as the original
+    does; in float32 ``exp`` overflows for confident models. Here the whole chain runs in log
+    space instead and it returns float32 ``log(sum of the original's scores)`` C x H x W, whose
+    argmax (and softmax over classes) is the original's. It is exact up to float rounding: every
+    step the original takes on the scores is a sum with non-negative weights (the count average,
+    bilinear interpolation with at most two taps per axis, the sum over scales), and
+    ``log(sum_i w_i exp(a_i)) = logaddexp_i(log w_i + a_i)`` holds pixel by pixel whatever the
+    magnitudes, with no shift to choose or to keep constant across the pixels being mixed.
+
+    Returns the C x H x W map above, or its argmax H x W when ``argmax``. Invalid ``fusion`` or
+    ``window_placement`` values raise ValueError.
     """
+    check_multiscale_options(fusion, window_placement)
     _, h, w = image.shape
     flips = (False, True) if flip else (False,)
     views = []
@@ -222,17 +333,24 @@ def predict_multiscale(model: nn.Module, image: torch.Tensor, scales: Sequence[f
         long_side = math.ceil(base_size * scale)
         short_side = max(1, int(min(h, w) * long_side / max(h, w) + 0.5))
         size = (long_side, short_side) if h > w else (short_side, long_side)
-        views.append(_ScaleView(image, size, crop_size, pad_value, len(flips)))
-    jobs = [(view, y, x, mirrored) for view in views for y, x in view.boxes for mirrored in flips]
-    total = image.new_zeros((num_classes, h, w), dtype=torch.float32)
+        views.append(_ScaleView(image, size, crop_size, pad_value, len(flips), fusion=fusion,
+                                window_placement=window_placement, align_corners=align_corners))
+    jobs = [(view, box, mirrored) for view in views for box in view.boxes for mirrored in flips]
+    fill = 0.0 if fusion == "softmax" else -math.inf
+    total = image.new_full((num_classes, h, w), fill, dtype=torch.float32)
     for start in range(0, len(jobs), max_batch):
         chunk = jobs[start:start + max_batch]
-        batch = torch.stack([view.window(y, x, mirrored) for view, y, x, mirrored in chunk])
-        out = _forward(model, batch, autocast).softmax(1)
-        for probs, (view, y, x, mirrored) in zip(out, chunk):
-            view.add(probs, y, x, mirrored)
+        batch = torch.stack([view.window(box, mirrored) for view, box, mirrored in chunk])
+        out = _forward(model, batch, autocast)
+        if fusion == "softmax":
+            out = out.softmax(1)
+        for scores, (view, box, mirrored) in zip(out, chunk):
+            view.add(scores, box, mirrored)
             if view.pending == 0:
-                total += view.finish((h, w))
+                if fusion == "softmax":
+                    total += view.finish((h, w))
+                else:
+                    total = torch.logaddexp(total, view.finish((h, w)))
     return total.argmax(0) if argmax else total
 
 
@@ -257,13 +375,16 @@ def evaluate(model: nn.Module, dataset: SegDataset, *, scales: Sequence[float] |
              preprocess: Preprocess = Preprocess(), convention: str = "present", pad_multiple: int = 8, max_batch: int | str = "auto",
              autocast: AutocastDtype = None, device: torch.device | str | None = None,
              num_workers: int = 2, progress: bool = True,
-             callback: ImageCallback | None = None) -> dict[str, Any]:
+             callback: ImageCallback | None = None, align_corners: bool = True,
+             fusion: str = "softmax", window_placement: str = "border") -> dict[str, Any]:
     """Evaluate ``model`` on ``dataset`` and return :meth:`ConfusionMatrix.compute`'s metrics.
 
     Without ``scales`` each image is predicted whole at its own size (:func:`predict_single`; with
     ``flip`` together with its mirror, softmax probabilities summed);
     with ``scales`` (plus ``base_size`` and ``crop_size``) by :func:`predict_multiscale`, in
-    forwards of ``max_batch`` windows (:func:`resolve_max_batch`).
+    forwards of ``max_batch`` windows (:func:`resolve_max_batch`), with its ``align_corners``,
+    ``fusion`` and ``window_placement`` (they apply to multi-scale evaluation only; invalid values
+    raise ValueError before anything runs).
     ``preprocess`` normalises the raw uint8 images; padding is a black pixel, as in training.
 
     Under torch.distributed rank r evaluates images r, r + world, ... and the confusion matrices
@@ -273,6 +394,7 @@ def evaluate(model: nn.Module, dataset: SegDataset, *, scales: Sequence[float] |
     (over all ranks) and ``seconds`` (this rank's wall time).
     """
     check_convention(convention)  # now rather than after the whole dataset
+    check_multiscale_options(fusion, window_placement)
     if scales is not None and (base_size is None or crop_size is None):
         raise ConfigError(f"multi-scale evaluation with scales={list(scales)} needs base_size and "
                           f"crop_size, got base_size={base_size}, crop_size={crop_size}")
@@ -305,7 +427,9 @@ def evaluate(model: nn.Module, dataset: SegDataset, *, scales: Sequence[float] |
                 else:
                     pred = predict_multiscale(model, x, scales, flip, base_size, crop_size,
                                               dataset.num_classes, max_batch=max_batch,
-                                              pad_value=pad_value, autocast=autocast, argmax=True)
+                                              pad_value=pad_value, autocast=autocast, argmax=True,
+                                              align_corners=align_corners, fusion=fusion,
+                                              window_placement=window_placement)
                 if mask is not None:
                     confmat.update(pred, mask)
                 if callback is not None:
