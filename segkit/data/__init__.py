@@ -14,6 +14,7 @@ from segkit.data.base import SegmentationDataset
 from segkit.data.cityscapes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, CityscapesDataset
 from segkit.data.demo import DEMO_CLASSES, DEMO_PALETTE, DemoDataset
 from segkit.data.folder import FolderDataset
+from segkit.data.pascal_context import PASCAL_CONTEXT_CLASSES, PASCAL_CONTEXT_PALETTE, PascalContextDataset
 from segkit.data.transforms import build_train_transform, build_val_transform, seed_worker, worker_init_fn
 from segkit.errors import ConfigError
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 DATASETS: dict[str, type[SegmentationDataset]] = {
     "ade20k": ADE20KDataset,
     "cityscapes": CityscapesDataset,
+    "pascal_context": PascalContextDataset,
     "folder": FolderDataset,
     "demo": DemoDataset,
 }
@@ -30,8 +32,8 @@ DATASETS: dict[str, type[SegmentationDataset]] = {
 __all__ = [
     "ADE20K_CLASSES", "ADE20K_PALETTE", "ADE20KDataset", "CITYSCAPES_CLASSES", "CITYSCAPES_PALETTE",
     "CityscapesDataset", "DATASETS", "DEMO_CLASSES", "DEMO_PALETTE", "DemoDataset", "FolderDataset",
-    "SegmentationDataset", "build_dataset", "build_train_transform", "build_val_transform",
-    "seed_worker", "worker_init_fn",
+    "PASCAL_CONTEXT_CLASSES", "PASCAL_CONTEXT_PALETTE", "PascalContextDataset", "SegmentationDataset",
+    "build_dataset", "build_train_transform", "build_val_transform", "seed_worker", "worker_init_fn",
 ]
 
 
@@ -58,6 +60,8 @@ def build_dataset(cfg: Mapping[str, Any], split: str, transform: A.Compose | Non
     if name == "demo":
         kwargs.update({key: int(cfg[key]) for key in ("seed", "num_train", "num_val", "image_size")
                        if cfg.get(key) is not None})
+    if name == "pascal_context" and cfg.get("num_classes") is not None:
+        kwargs["num_classes"] = int(cfg["num_classes"])  # 59 or 60: the class list depends on it
     if name == "folder":
         # Training and validation need masks; other splits (e.g. test) may be unlabelled.
         kwargs["require_masks"] = split in splits.values()
