@@ -57,7 +57,7 @@ def setting(default: Any = MISSING, *, ge: float | None = None, gt: float | None
 # -- schemas -----------------------------------------------------------------------------------
 @dataclass
 class DatasetSettings:
-    name: str = setting(choices=("ade20k", "cityscapes", "demo", "folder"))
+    name: str = setting(choices=("ade20k", "cityscapes", "pascal_context", "demo", "folder"))
     root: str = setting(nonempty=True)
     num_classes: Optional[int] = setting(None, ge=1, le=255, doc="null: from the data (folder datasets)")
     base_size: int = setting(ge=1)

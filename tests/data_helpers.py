@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -65,6 +66,93 @@ def make_folder(root: Path, classes: str = "classes: [sky, road, car]\n", n: int
             mask[0, :] = 255
             save(root / "masks" / split / f"img{i}.png", mask)
     (root / "classes.yaml").write_text(classes)
+    return root
+
+
+# Detail API category id -> 0..59 value, by hand from the sorted list of 60 ids (2 = aeroplane is
+# the 1st class, 284 = person the 37th, 458 = wood the 59th); 1 and 3 are not among the 59 classes.
+CONTEXT_VALUES = {0: 0, 1: 0, 2: 1, 3: 0, 284: 37, 458: 59}
+
+
+def coco_rle(mask: np.ndarray, compressed: bool = True) -> dict:
+    """COCO RLE of a boolean mask: pycocotools' compressed string, or plain run lengths."""
+    if compressed:
+        from pycocotools import mask as mask_utils
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+    flat = mask.T.reshape(-1)  # column-major
+    edges = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
+    runs = np.diff(np.concatenate(([0], edges, [flat.size]))).tolist()
+    return {"size": list(mask.shape), "counts": ([0] if flat[0] else []) + runs}
+
+
+def make_pascal_context(root: Path, counts: dict[str, int] | None = None, size: tuple[int, int] = (12, 16),
+                        seed: int = 0) -> dict[str, np.ndarray]:
+    """VOC2010 JPEGs and a Detail-format ROOT/VOCdevkit/VOC2010/trainval_merged.json; returns the
+    expected 0..59 mask of every image by name. Each image gets: aeroplane (2) on the top rows,
+    an unknown category (1) painted over its left columns, person (284) as plain run lengths,
+    wood (458) on random pixels, and an unknown category (3) that is painted over by wood."""
+    rng = np.random.default_rng(seed)
+    base = root / "VOCdevkit" / "VOC2010"
+    h, w = size
+    images, annos, expected = [], [], {}
+    for phase, n in (counts or {"train": 3, "val": 2}).items():
+        for i in range(n):
+            name = f"2008_{len(images):06d}"
+            image_id = int(name.replace("_", ""))
+            images.append({"image_id": image_id, "file_name": f"{name}.jpg", "phase": phase, "height": h,
+                           "width": w, "date_captured": "2010-05-03"})
+            save(base / "JPEGImages" / f"{name}.jpg", random_image(rng, h, w), quality=90)
+            layers = []
+            top = np.zeros(size, bool)
+            top[: h // 2] = True
+            layers.append((2, top, True))
+            left = np.zeros(size, bool)
+            left[:, : 1 + i] = True
+            layers.append((1, left, True))
+            person = np.zeros(size, bool)
+            person[h // 2:, w // 2: w // 2 + 3] = True
+            layers.append((284, person, False))
+            wood = rng.random(size) < 0.2
+            wood[0, :6] = wood[h // 2:, w // 2:] = False  # pixels the tests check by hand stay free of it
+            wood[-1, 0] = True
+            unknown = np.zeros(size, bool)
+            unknown[-2:] = True
+            layers.append((3, unknown, True))
+            layers.append((458, wood, True))
+            truth = np.zeros(size, np.uint8)
+            for category, pixels, compressed in layers:
+                annos.append({"id": len(annos) + 1, "image_id": image_id, "category_id": category,
+                              "segmentation": coco_rle(pixels, compressed), "area": int(pixels.sum()),
+                              "iscrowd": 0, "parts": []})
+                truth[pixels] = CONTEXT_VALUES[category]
+            expected[name] = truth
+    categories = [{"category_id": c, "name": f"class{c}", "supercategory": "object"} for c in sorted(CONTEXT_VALUES)]
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "trainval_merged.json").write_text(json.dumps({
+        "info": {"description": "tiny"}, "images": images, "annos_segmentation": annos,
+        "categories": categories, "annos_occlusion": [], "annos_boundary": [], "annos_joints": [], "parts": []}))
+    return expected
+
+
+def make_pascal_context_converted(root: Path, counts: dict[str, int] | None = None, size: tuple[int, int] = (12, 16),
+                                  seed: int = 0) -> Path:
+    """The converted layout mmsegmentation's tool writes: JPEGs, SegmentationClassContext PNGs
+    with random values 0..59, ImageSets/SegmentationContext/{train,val}.txt."""
+    rng = np.random.default_rng(seed)
+    base = root / "VOCdevkit" / "VOC2010"
+    lists = base / "ImageSets" / "SegmentationContext"
+    lists.mkdir(parents=True, exist_ok=True)
+    index = 0
+    for split, n in (counts or {"train": 3, "val": 2}).items():
+        names = []
+        for _ in range(n):
+            name = f"2008_{index:06d}"
+            index += 1
+            save(base / "JPEGImages" / f"{name}.jpg", random_image(rng, *size), quality=90)
+            save(base / "SegmentationClassContext" / f"{name}.png", rng.integers(0, 60, size=size, dtype=np.uint8))
+            names.append(name)
+        (lists / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
     return root
 
 

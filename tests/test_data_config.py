@@ -28,13 +28,15 @@ def test_every_dataset_config_composes(name, monkeypatch):
 
 
 def test_paper_settings():
-    ade, cityscapes, demo = (dataset_settings(n) for n in ("ade20k", "cityscapes", "demo"))
-    assert ade.eval_scales == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+    ade, cityscapes, demo, context = (dataset_settings(n) for n in ("ade20k", "cityscapes", "demo", "pascal_context"))
+    assert ade.eval_scales == context.eval_scales == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
     assert cityscapes.eval_scales == [0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25]
-    assert (ade.epochs, cityscapes.epochs) == (120, 240)
+    assert (ade.epochs, cityscapes.epochs, context.epochs) == (120, 240, 80)
     assert (ade.miou_convention, cityscapes.miou_convention, demo.miou_convention) == ("all", "present", "present")
-    assert (ade.num_classes, cityscapes.num_classes, demo.num_classes) == (150, 19, 7)
+    assert context.miou_convention == "all"
+    assert (ade.num_classes, cityscapes.num_classes, demo.num_classes, context.num_classes) == (150, 19, 7, 59)
     assert (ade.base_size, ade.crop_size, cityscapes.base_size, cityscapes.crop_size) == (520, 480, 1024, 768)
+    assert (context.base_size, context.crop_size) == (520, 480)
 
 
 def test_build_demo_from_composed_config(tmp_path):
@@ -61,7 +63,7 @@ def test_build_folder(tmp_path):
 
 
 def test_unknown_dataset_name_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="choose one of ade20k, cityscapes, folder, demo"):
+    with pytest.raises(ConfigError, match="choose one of ade20k, cityscapes, pascal_context, folder, demo"):
         build_dataset(replace(dataset_settings("ade20k"), name="pascal"), "train")
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from data_helpers import make_ade, make_cityscapes, make_folder, random_image, save
-from segkit.data import ADE20KDataset, CityscapesDataset, FolderDataset, SegmentationDataset
+from segkit.data import ADE20KDataset, CityscapesDataset, FolderDataset, PascalContextDataset, SegmentationDataset
 from segkit.data.base import bit_palette, format_values
 from segkit.errors import DataError
 
@@ -61,6 +61,9 @@ def test_folder_json_class_file_and_unlabelled_split(tmp_path):
     (CityscapesDataset, "train", ["leftImg8bit/{train,val,test}/<city>/*_leftImg8bit.png",
                                   "python -m segkit.data.prepare cityscapes --root"]),
     (FolderDataset, "train", ["classes.yaml", "images/<split>/", "masks/<split>/"]),
+    (PascalContextDataset, "train", ["VOCdevkit/VOC2010/SegmentationClassContext/<name>.png",
+                                     "ImageSets/SegmentationContext/{train,val}.txt",
+                                     "python -m segkit.data.prepare pascal_context --root"]),
 ])
 def test_missing_root_shows_layout_and_command(tmp_path, factory, split, expected):
     with pytest.raises(DataError) as err:

@@ -173,3 +173,19 @@ def test_bf16_autocast_and_channels_last_train(tmp_path, data_root):
                 f"hydra.run.dir={tmp_path / 'r'}"], data_root)
     assert all(r["loss"] > 0 for r in records(tmp_path / "r", "train"))
     assert records(tmp_path / "r", "val")[0]["mIoU"] >= 0
+
+
+def test_pascal_context_prepared_from_detail_json_trains(tmp_path, data_root):
+    from data_helpers import make_pascal_context
+    from segkit.data import prepare
+    root = tmp_path / "pascal_context"
+    make_pascal_context(root, {"train": 4, "val": 1}, size=(32, 32))
+    assert prepare.main(["pascal_context", "--root", str(root), "--expect-counts", "4,1", "--workers", "1"]) == 0
+    args = [a for a in TINY if "dataset" not in a] + [
+        "dataset=pascal_context", f"dataset.root={root}", "dataset.base_size=32", "dataset.crop_size=32",
+        "train.iters=2", "train.val_every=2", f"hydra.run.dir={tmp_path / 'r'}"]
+    run(args, data_root)
+    last = torch.load(tmp_path / "r" / "last.pt", map_location="cpu", weights_only=True)
+    assert last["config"]["dataset"]["name"] == "pascal_context"
+    assert last["model"]["head.classifier.weight"].shape[0] == 59  # background is ignored, not a class
+    assert [r["iter"] for r in records(tmp_path / "r", "val")] == [2]

@@ -13,6 +13,7 @@ from segkit.data.base import SegmentationDataset
 from segkit.data.cityscapes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, CityscapesDataset
 from segkit.data.demo import DEMO_CLASSES, DEMO_PALETTE, DemoDataset
 from segkit.data.folder import FolderDataset
+from segkit.data.pascal_context import PASCAL_CONTEXT_CLASSES, PASCAL_CONTEXT_PALETTE, PascalContextDataset
 from segkit.data.preprocess import Preprocess
 from segkit.data.transforms import build_train_transform
 from segkit.errors import ConfigError
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 DATASETS: dict[str, type[SegmentationDataset]] = {
     "ade20k": ADE20KDataset,
     "cityscapes": CityscapesDataset,
+    "pascal_context": PascalContextDataset,
     "folder": FolderDataset,
     "demo": DemoDataset,
 }
@@ -32,7 +34,8 @@ DATASETS: dict[str, type[SegmentationDataset]] = {
 __all__ = [
     "ADE20K_CLASSES", "ADE20K_PALETTE", "ADE20KDataset", "CITYSCAPES_CLASSES", "CITYSCAPES_PALETTE",
     "CityscapesDataset", "DATASETS", "DEMO_CLASSES", "DEMO_PALETTE", "DemoDataset", "FolderDataset",
-    "Preprocess", "SegmentationDataset", "build_dataset", "build_train_transform", "train_transform",
+    "PASCAL_CONTEXT_CLASSES", "PASCAL_CONTEXT_PALETTE", "PascalContextDataset", "Preprocess",
+    "SegmentationDataset", "build_dataset", "build_train_transform", "train_transform",
 ]
 
 
@@ -57,6 +60,8 @@ def build_dataset(settings: DatasetSettings, split: str, transform: A.Compose | 
     if name == "demo":
         kwargs.update(seed=settings.seed, num_train=settings.num_train, num_val=settings.num_val,
                       image_size=settings.image_size)
+    if name == "pascal_context" and settings.num_classes is not None:
+        kwargs["num_classes"] = settings.num_classes  # 59 or 60: the class list depends on it
     if name == "folder":
         # Training and validation need masks; other splits (e.g. test) may be unlabelled.
         kwargs["require_masks"] = split in splits.values()

@@ -127,14 +127,17 @@ def pair_samples(
 
 
 def missing_split_error(
-    dataset: str, root: Path, split: str, missing: Path, layout: str, hint: str
+    dataset: str, root: Path, split: str, missing: Path, layout: str, hint: str,
+    available: Sequence[str] | None = None,
 ) -> DataError:
-    """The error for an absent root or split directory: what was expected and how to get it."""
+    """The error for an absent root or split directory: what was expected and how to get it.
+    ``available`` names the splits that do exist (default: the folders next to ``missing``)."""
     if not root.exists():
         problem = f"{dataset} not found: {root} does not exist."
     else:
         parent = missing.parent
-        available = sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
+        if available is None:
+            available = sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
         found = f" (splits found: {', '.join(available)})" if available else ""
         problem = f"{dataset} split '{split}' not found under {root}: {missing} does not exist{found}."
     return DataError(f"{problem}\nExpected layout:\n{layout}\n{hint}")

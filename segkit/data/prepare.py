@@ -2,13 +2,19 @@
 
     python -m segkit.data.prepare ade20k --root DIR [--url URL_OR_PATH] [--sha256 HEX]
     python -m segkit.data.prepare cityscapes --root DIR [--workers N]
+    python -m segkit.data.prepare pascal_context --root DIR [--json PATH] [--workers N]
 
 ADE20K is downloaded (resuming an interrupted download from its ``.part`` file through an HTTP
 Range request), checked against a known digest, extracted and counted. Cityscapes needs a login,
 so its two archives are downloaded by hand into ``DIR``; this extracts them (or accepts an already
 extracted layout), counts the images and writes ``*_gtFine_labelTrainIds.png`` next to every
-``*_gtFine_labelIds.png`` in parallel. ``--expect-counts TRAIN,VAL`` / ``--no-expect-counts``
-change the image count check (for subsets and tests).
+``*_gtFine_labelIds.png`` in parallel. Pascal Context needs the VOC2010 images extracted into
+``DIR`` and the Detail API's ``trainval_merged.json`` (in ``DIR/VOCdevkit/VOC2010`` or given by
+``--json``); this paints each image's annotations into a PNG of the 0..59 context values in
+``SegmentationClassContext`` in parallel and writes the split lists (mmsegmentation's layout).
+Conversions resume: finished files are kept, each file is written under a temporary name and
+renamed into place. ``--expect-counts TRAIN,VAL`` / ``--no-expect-counts`` change the image count
+check (for subsets and tests).
 
 Expected problems end with a one-line message and exit status 2.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import http.client
+import json
 import multiprocessing
 import os
 import shutil
@@ -26,8 +33,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from PIL import Image
 from tqdm import tqdm
@@ -35,6 +45,18 @@ from tqdm import tqdm
 from segkit.data.ade20k import ARCHIVE_DIR
 from segkit.data.base import map_labels, read_mask
 from segkit.data.cityscapes import IMAGE_ENDING, LABEL_ID_LUT, LABEL_IDS_ENDING, TRAIN_IDS_ENDING
+from segkit.data.pascal_context import (
+    ANNOTATION_JSON,
+    ANNOTATION_URL,
+    DEVKIT_DIR,
+    IMAGE_DIR,
+    MASK_DIR,
+    SPLIT_DIR,
+    VOC2010_URL,
+    context_base,
+    context_value,
+)
+from segkit.data.rle import decode_rle
 from segkit.errors import DataError, SegkitError
 
 ADE20K_URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
@@ -45,6 +67,7 @@ KNOWN_FILES: dict[str, dict[str, str | int]] = {
 }
 ADE20K_COUNTS = {"training": 20210, "validation": 2000}
 CITYSCAPES_COUNTS = {"train": 2975, "val": 500}
+PASCAL_CONTEXT_COUNTS = {"train": 4998, "val": 5105}
 CITYSCAPES_ARCHIVES = {"leftImg8bit": "leftImg8bit_trainvaltest.zip", "gtFine": "gtFine_trainvaltest.zip"}
 CITYSCAPES_DOWNLOADS = "https://www.cityscapes-dataset.com/downloads/ (login required)"
 CHUNK = 1 << 20
@@ -217,6 +240,208 @@ def prepare_cityscapes(root: Path, workers: int, counts: Mapping[str, int] | Non
     print(f"Cityscapes ready in {root} ({len(sources)} label files, {len(todo)} converted now)")
 
 
+class ContextImage(NamedTuple):
+    """One image of the Detail json and what its mask needs: (category id, RLE, where) per
+    annotation, in the json's order (later annotations paint over earlier ones, as in the Detail
+    API's getMask)."""
+    name: str
+    phase: str
+    image: Path
+    mask: Path
+    height: int
+    width: int
+    segments: list[tuple[int, Any, str]]
+    source: Path
+
+
+def _int_field(entry: Mapping[str, Any], key: str, where: str, source: Path, minimum: int = 0) -> int:
+    value = entry.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise DataError(f"{source}: {where} has {key}={value!r}, expected an integer >= {minimum}")
+    return value
+
+
+def _require(entry: Any, keys: Sequence[str], where: str, source: Path) -> None:
+    if not isinstance(entry, dict):
+        raise DataError(f"{source}: {where} is a {type(entry).__name__}, expected an object")
+    missing = [k for k in keys if k not in entry]
+    if missing:
+        raise DataError(f"{source}: {where} has no {', '.join(repr(k) for k in missing)} key; is this the "
+                        f"Detail API's {ANNOTATION_JSON}?")
+
+
+def read_detail_json(source: Path, base: Path, phases: Sequence[str] = ("train", "val")) -> list[ContextImage]:
+    """The images of ``phases`` in a Detail API annotation file with their segmentations."""
+    try:
+        with open(source, "rb") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise DataError(f"{source}: cannot read ({e.strerror or e})") from None
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise DataError(f"{source}: not valid JSON ({e})") from None
+    _require(data, ("images", "annos_segmentation"), "the top level", source)
+    if not isinstance(data["images"], list) or not isinstance(data["annos_segmentation"], list):
+        raise DataError(f"{source}: 'images' and 'annos_segmentation' must be lists")
+
+    by_id: dict[int, ContextImage | None] = {}
+    names: dict[str, int] = {}
+    for i, img in enumerate(data["images"]):
+        where = f"images[{i}]"
+        _require(img, ("image_id", "file_name", "phase", "height", "width"), where, source)
+        image_id = _int_field(img, "image_id", where, source)
+        file_name = img["file_name"]
+        if not isinstance(file_name, str) or not file_name.lower().endswith(".jpg") or "/" in file_name:
+            raise DataError(f"{source}: {where} has file_name={file_name!r}, expected a name like 2008_000002.jpg")
+        if image_id in by_id:
+            raise DataError(f"{source}: {where} repeats image_id {image_id}")
+        if img["phase"] not in phases:
+            by_id[image_id] = None  # another phase (test): its annotations are skipped
+            continue
+        name = PurePosixPath(file_name).stem
+        if name in names:
+            raise DataError(f"{source}: {where} repeats file_name {file_name!r} (image_id {names[name]})")
+        names[name] = image_id
+        by_id[image_id] = ContextImage(
+            name, img["phase"], base / IMAGE_DIR / file_name, base / MASK_DIR / f"{name}.png",
+            _int_field(img, "height", where, source, 1), _int_field(img, "width", where, source, 1), [], source)
+
+    for j, ann in enumerate(data["annos_segmentation"]):
+        where = f"annos_segmentation[{j}]"
+        _require(ann, ("image_id", "category_id", "segmentation"), where, source)
+        image_id = _int_field(ann, "image_id", where, source)
+        if image_id not in by_id:
+            raise DataError(f"{source}: {where} refers to image_id {image_id}, which 'images' does not list")
+        image = by_id[image_id]
+        if image is not None:
+            image.segments.append((_int_field(ann, "category_id", where, source), ann["segmentation"],
+                                   f"{where} (id {ann.get('id')}, image {image.name})"))
+    return sorted((img for img in by_id.values() if img is not None), key=lambda img: img.name)
+
+
+def _mask_is_complete(path: Path, height: int, width: int) -> bool:
+    """Whether ``path`` is a fully decodable single-channel PNG of the image's size."""
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG" or im.mode != "L" or im.size != (width, height):
+                return False
+            im.load()
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+def context_mask(image: ContextImage) -> tuple[np.ndarray, set[int]]:
+    """The uint8 mask of 0..59 values of one image and the category ids it met that are not
+    among the 59 classes (painted as background)."""
+    mask = np.zeros((image.height, image.width), dtype=np.uint8)
+    unknown = set()
+    for category_id, rle, where in image.segments:
+        try:
+            pixels = decode_rle(rle)
+        except ValueError as e:
+            raise DataError(f"{image.source}: {where}: {e}") from None
+        if pixels.shape != mask.shape:
+            raise DataError(f"{image.source}: {where}: segmentation is {pixels.shape[1]}x{pixels.shape[0]} but "
+                            f"the image is {image.width}x{image.height} (width x height)")
+        value = context_value(category_id)
+        if value == 0 and category_id != 0:
+            unknown.add(category_id)
+        mask[pixels] = value
+    return mask, unknown
+
+
+def _write_context_mask(image: ContextImage) -> tuple[bool, set[int], str | None]:
+    """Write one mask PNG unless a complete one exists (pool worker); returns (written, unknown
+    category ids, error message) instead of raising."""
+    try:
+        with Image.open(image.image) as im:
+            size = im.size
+    except (OSError, SyntaxError, ValueError) as e:
+        return False, set(), f"{image.image}: cannot open image ({e})"
+    if size != (image.width, image.height):
+        return False, set(), (f"{image.image}: image is {size[0]}x{size[1]} but {image.source.name} gives "
+                              f"{image.width}x{image.height} (width x height)")
+    if _mask_is_complete(image.mask, image.height, image.width):
+        return False, set(), None
+    try:
+        mask, unknown = context_mask(image)
+    except DataError as e:
+        return False, set(), str(e)
+    tmp = image.mask.with_name(image.mask.name + ".tmp")
+    try:
+        Image.fromarray(mask).save(tmp, format="PNG")
+        os.replace(tmp, image.mask)  # never a truncated PNG that a resumed run would keep
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        return False, set(), f"{image.mask}: cannot write ({e.strerror or e})"
+    return True, unknown, None
+
+
+def _write_lines(path: Path, lines: Sequence[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def prepare_pascal_context(root: Path, json_path: Path | None, workers: int,
+                           counts: Mapping[str, int] | None) -> None:
+    base = context_base(root)
+    image_dir = base / IMAGE_DIR
+    if not image_dir.is_dir():
+        raise DataError(f"{image_dir} not found; download {VOC2010_URL} and extract it into {root}")
+    if json_path is None:
+        candidates = [base / ANNOTATION_JSON, root / ANNOTATION_JSON]
+        json_path = next((p for p in candidates if p.is_file()), None)
+        if json_path is None:
+            raise DataError(f"{ANNOTATION_JSON} not found in {base} or {root}; download {ANNOTATION_URL} "
+                            f"into {base} or pass --json PATH")
+    elif not json_path.is_file():
+        raise DataError(f"{json_path} does not exist; download {ANNOTATION_URL} or fix --json")
+    images = read_detail_json(json_path, base, tuple(PASCAL_CONTEXT_COUNTS))
+    found = {split: sum(img.phase == split for img in images) for split in PASCAL_CONTEXT_COUNTS}
+    if counts is not None and found != dict(counts):
+        wrong = "; ".join(f"{split}: {found[split]} images, expected {counts[split]}" for split in found
+                          if found[split] != counts[split])
+        raise DataError(f"{json_path}: unexpected image counts ({wrong}); is it the full {ANNOTATION_JSON}? "
+                        f"Pass --no-expect-counts for a subset")
+    present = set(os.listdir(image_dir))
+    missing = [img.image for img in images if img.image.name not in present]
+    if missing:
+        raise DataError(f"{missing[0]} not found ({len(missing)} of the {len(images)} images in {json_path.name} "
+                        f"are missing from {image_dir}); extract {VOC2010_URL} there completely")
+
+    mask_dir = base / MASK_DIR
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    for stale in mask_dir.glob("*.png.tmp"):  # left by an interrupted run
+        stale.unlink()
+    results = []
+    # The bar is closed (its line ended) before an interruption's message is printed.
+    with tqdm(total=len(images), unit="file", desc="SegmentationClassContext") as bar:
+        if workers > 1:
+            with multiprocessing.Pool(workers) as pool:
+                for result in pool.imap_unordered(_write_context_mask, images, chunksize=16):
+                    results.append(result)
+                    bar.update()
+        else:
+            for image in images:
+                results.append(_write_context_mask(image))
+                bar.update()
+    errors = [error for _, _, error in results if error]
+    if errors:
+        raise DataError(f"{len(errors)} mask(s) could not be written, e.g. {errors[0]}")
+    unknown = set().union(*(ids for _, ids, _ in results))
+    if unknown:
+        print(f"note: category ids outside the 59 classes were painted as background (0): "
+              f"{', '.join(map(str, sorted(unknown)))}", file=sys.stderr)
+
+    split_dir = base / SPLIT_DIR
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for split in PASCAL_CONTEXT_COUNTS:  # written last: a listed split is a complete one
+        _write_lines(split_dir / f"{split}.txt", [img.name for img in images if img.phase == split])
+    converted = sum(written for written, _, _ in results)
+    print(f"Pascal Context ready in {base} ({len(images)} masks, {converted} converted now)")
+
+
 def _counts(value: str) -> tuple[int, int]:
     try:
         train, val = (int(v) for v in value.split(","))
@@ -232,6 +457,8 @@ def _parser() -> argparse.ArgumentParser:
         "ade20k": (sub.add_parser("ade20k", help="download, verify and extract ADE20K"), ADE20K_COUNTS),
         "cityscapes": (sub.add_parser("cityscapes", help="extract Cityscapes and write labelTrainIds"),
                        CITYSCAPES_COUNTS),
+        "pascal_context": (sub.add_parser("pascal_context", help="convert the Detail API annotations of "
+                                          "Pascal Context into mask PNGs and split lists"), PASCAL_CONTEXT_COUNTS),
     }
     for command, official in commands.values():
         command.add_argument("--root", type=Path, required=True, help="dataset directory")
@@ -243,20 +470,27 @@ def _parser() -> argparse.ArgumentParser:
     ade = commands["ade20k"][0]
     ade.add_argument("--url", default=ADE20K_URL, help="archive URL, file:// URL or local path")
     ade.add_argument("--sha256", help="expected SHA-256 of the archive (replaces the known digest)")
-    commands["cityscapes"][0].add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                                           help="conversion processes")
+    for name in ("cityscapes", "pascal_context"):
+        commands[name][0].add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                                       help="conversion processes")
+    commands["pascal_context"][0].add_argument(
+        "--json", type=Path, help=f"the Detail API's {ANNOTATION_JSON} (default: in "
+        f"ROOT/{DEVKIT_DIR.as_posix()} or ROOT)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    official = ADE20K_COUNTS if args.dataset == "ade20k" else CITYSCAPES_COUNTS
+    official = {"ade20k": ADE20K_COUNTS, "cityscapes": CITYSCAPES_COUNTS,
+                "pascal_context": PASCAL_CONTEXT_COUNTS}[args.dataset]
     counts = dict(zip(official, args.expect_counts)) if args.expect_counts is not None else None
     try:
         if args.dataset == "ade20k":
             prepare_ade20k(args.root, args.url, args.sha256, counts)
-        else:
+        elif args.dataset == "cityscapes":
             prepare_cityscapes(args.root, args.workers, counts)
+        else:
+            prepare_pascal_context(args.root, args.json, args.workers, counts)
     except SegkitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
