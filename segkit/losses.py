@@ -15,15 +15,24 @@ Class imbalance:
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import tempfile
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from segkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from segkit.data.base import SegmentationDataset
 
 
 class LossConfigError(ConfigError, ValueError):
@@ -293,3 +302,207 @@ def build_loss(cfg: Mapping[str, Any] | None = None, *, auto_weights: Sequence[f
                                   "pass build_loss(cfg, auto_weights=auto_class_weights(train_set, balance))")
         cfg["class_weights"] = auto_weights
     return SegmentationLoss(**cfg, num_classes=num_classes)
+
+
+# --- Class weights from the training masks ------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class ClassFrequencies:
+    """Label statistics of a set of masks (ignored pixels are not counted anywhere).
+
+    ``pixels[c]``: pixels of class c; ``image_pixels[c]``: labelled pixels of the images that contain
+    class c; ``images[c]``: number of images that contain c; ``num_images``: masks counted.
+    """
+
+    pixels: np.ndarray
+    image_pixels: np.ndarray
+    images: np.ndarray
+    num_images: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.pixels)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ClassFrequencies) and self.to_dict() == other.to_dict()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pixels": self.pixels.tolist(), "image_pixels": self.image_pixels.tolist(),
+                "images": self.images.tolist(), "num_images": int(self.num_images)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ClassFrequencies:
+        arrays = [np.asarray(data[key], dtype=np.int64) for key in ("pixels", "image_pixels", "images")]
+        if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 1:
+            raise ValueError("pixels, image_pixels and images must be lists of the same length")
+        return cls(*arrays, num_images=int(data["num_images"]))
+
+
+def mask_statistics(mask: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+    """Pixel count per class (int64, ``num_classes`` long) of one train-id mask; ``ignore_index``
+    pixels are skipped and any other value >= ``num_classes`` is a ValueError."""
+    counts = np.bincount(np.asarray(mask, dtype=np.uint8).ravel(), minlength=256)
+    counts[ignore_index] = 0
+    bad = np.flatnonzero(counts[num_classes:]) + num_classes
+    if bad.size:
+        raise ValueError(f"mask values {bad.tolist()} are neither a class (0..{num_classes - 1}) "
+                         f"nor ignore ({ignore_index})")
+    return counts[:num_classes].astype(np.int64)
+
+
+class _MaskCounts(torch.utils.data.Dataset):
+    """Per-image class pixel counts of a dataset's masks, for a DataLoader's workers."""
+
+    def __init__(self, dataset: SegmentationDataset, num_classes: int) -> None:
+        self.dataset, self.num_classes = dataset, num_classes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> np.ndarray | None:
+        _, mask = self.dataset.load(i)
+        if mask is None:
+            return None
+        try:
+            return mask_statistics(mask, self.num_classes, self.dataset.ignore_index)
+        except ValueError as e:
+            raise ValueError(f"mask of image {self.dataset.name(i)!r}: {e}") from None
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+def class_frequencies(dataset: SegmentationDataset, num_classes: int | None = None, *,
+                      num_workers: int = 0, progress: bool = False) -> ClassFrequencies:
+    """Count the class pixels of every mask of ``dataset`` once (``dataset.load(i)``: the full masks,
+    no augmentation). Unlabelled images count for nothing. ``num_workers > 0`` reads the masks in
+    DataLoader worker processes."""
+    num_classes = dataset.num_classes if num_classes is None else num_classes
+    counts = _MaskCounts(dataset, num_classes)
+    if num_workers > 0:
+        items = torch.utils.data.DataLoader(counts, batch_size=None, num_workers=num_workers,
+                                            collate_fn=_identity)
+    else:
+        items = (counts[i] for i in range(len(counts)))
+    if progress:
+        from tqdm import tqdm
+        items = tqdm(items, total=len(counts), unit="mask", desc="class frequencies")
+    pixels = np.zeros(num_classes, np.int64)
+    image_pixels = np.zeros(num_classes, np.int64)
+    images = np.zeros(num_classes, np.int64)
+    num_images = 0
+    for image_counts in items:
+        if image_counts is None:
+            continue
+        num_images += 1
+        present = image_counts > 0
+        pixels += image_counts
+        image_pixels += present * image_counts.sum()
+        images += present
+    return ClassFrequencies(pixels, image_pixels, images, num_images)
+
+
+def balance_weights(counts: ClassFrequencies, method: str = "median_frequency", *,
+                    k: float = 1.02) -> np.ndarray:
+    """Class weights (float64, one per class) from mask statistics.
+
+    ``median_frequency`` (Eigen & Fergus, 2015, as used by SegNet): ``freq_c = pixels of c / pixels
+    of the images where c is present`` (labelled pixels: ignored ones are not counted) and
+    ``w_c = median(freq) / freq_c``, the median taken over the classes present (numpy's median: the
+    mean of the two middle values for an even count). A class that never occurs has no frequency;
+    it gets weight 1, the weight of the median class (it never appears in a target of this training
+    set, so the value only matters if the data changes).
+
+    ``inverse_log`` (ENet, Paszke et al., 2016): ``w_c = 1 / ln(k + p_c)`` with ``p_c = pixels of c /
+    all labelled pixels`` and ``k = 1.02`` (weights between 1/ln(1 + k) ~ 1.43 and 1/ln(k) ~ 50.5;
+    a class that never occurs gets the largest).
+
+    Classes that never occur are reported with a warning.
+    """
+    if method not in BALANCE_METHODS:
+        raise LossConfigError(f"unknown balance method {method!r}; valid choices: {', '.join(BALANCE_METHODS)}")
+    if counts.pixels.sum() == 0:
+        raise LossConfigError(f"cannot compute class weights: the {counts.num_images} masks have no "
+                              f"labelled pixels")
+    present = counts.pixels > 0
+    if not present.all():
+        warnings.warn(f"classes {np.flatnonzero(~present).tolist()} never occur in the training masks",
+                      stacklevel=2)
+    if method == "median_frequency":
+        freq = np.divide(counts.pixels, counts.image_pixels, out=np.zeros(counts.num_classes),
+                         where=present)
+        median = np.median(freq[present])
+        return np.divide(median, freq, out=np.ones(counts.num_classes), where=present)
+    if not k > 1:
+        raise LossConfigError(f"inverse_log needs k > 1, got {k!r}")
+    share = counts.pixels / counts.pixels.sum()
+    return 1.0 / np.log(k + share)
+
+
+_WEIGHTS_FORMAT = "segkit-class-weights"
+
+
+def save_class_weights(path: str | Path, weights: Sequence[float], *, method: str | None = None,
+                       frequencies: ClassFrequencies | None = None,
+                       classes: Sequence[str] | None = None) -> None:
+    """Write class weights (and how they were made) as JSON, atomically (temp file + rename)."""
+    path = Path(path)
+    record: dict[str, Any] = {"format": _WEIGHTS_FORMAT, "version": 1, "method": method,
+                              "num_classes": len(weights), "weights": [float(w) for w in weights]}
+    if classes is not None:
+        record["classes"] = list(classes)
+    if frequencies is not None:
+        record["frequencies"] = frequencies.to_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_class_weights(path: str | Path, *, num_classes: int | None = None,
+                       method: str | None = None) -> list[float]:
+    """Class weights written by :func:`save_class_weights`; ``num_classes`` / ``method``, when given,
+    must match the file (a stale cache is an error naming the file, never silently used)."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LossConfigError(f"{path}: cannot read class weights ({e})") from None
+    if not isinstance(record, dict) or record.get("format") != _WEIGHTS_FORMAT:
+        raise LossConfigError(f"{path}: not a class weights file (written by segkit.losses.save_class_weights)")
+    try:
+        weights = check_class_weights(record.get("weights"), num_classes)
+    except LossConfigError as e:
+        raise LossConfigError(f"{path}: {e}; delete it to compute the weights again") from None
+    if method is not None and record.get("method") != method:
+        raise LossConfigError(f"{path}: weights were computed with {record.get('method')!r}, not {method!r}; "
+                              f"delete it to compute them again")
+    return weights
+
+
+def auto_class_weights(dataset: SegmentationDataset, method: str = "median_frequency", *,
+                       cache: str | Path | None = None, num_workers: int = 0,
+                       progress: bool = False) -> list[float]:
+    """Class weights from ``dataset``'s masks (:func:`class_frequencies` + :func:`balance_weights`).
+
+    With ``cache``: an existing file is loaded instead (checked against the dataset's class count
+    and ``method``), otherwise the weights are computed and written there. Deterministic, so every
+    DDP rank may compute them, or rank 0 computes and the others load the file after a barrier.
+    """
+    if method not in BALANCE_METHODS:
+        raise LossConfigError(f"unknown balance method {method!r}; valid choices: {', '.join(BALANCE_METHODS)}")
+    if cache is not None and Path(cache).is_file():
+        return load_class_weights(cache, num_classes=dataset.num_classes, method=method)
+    frequencies = class_frequencies(dataset, num_workers=num_workers, progress=progress)
+    weights = balance_weights(frequencies, method).tolist()
+    if cache is not None:
+        save_class_weights(cache, weights, method=method, frequencies=frequencies, classes=dataset.classes)
+    return weights

@@ -1,8 +1,10 @@
 """SegmentationLoss: cross-entropy with ignored pixels, the auxiliary term, smp's extra losses, class
 weights (given or computed from the masks) and OHEM."""
+import json
 import math
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -10,12 +12,18 @@ import torch.nn.functional as F
 
 from loss_helpers import OHEM, ddp_batch, loss_and_grads, ohem_worker
 
+from segkit.data import FolderDataset
 from segkit.errors import ConfigError
 from segkit.losses import (
     Ohem,
     SegmentationLoss,
+    auto_class_weights,
+    balance_weights,
     build_loss,
+    class_frequencies,
+    load_class_weights,
     ohem_mask,
+    save_class_weights,
 )
 
 
@@ -153,6 +161,73 @@ def test_class_weights_are_checked():
         build_loss({"balance": "median"})
     loss = build_loss({"class_weights": "auto", "balance": "inverse_log"}, auto_weights=[1.0, 2.0, 0.5])
     assert loss.class_weights.tolist() == [1.0, 2.0, 0.5]
+
+
+def _write_known_masks(root):
+    """3 masks 4x4 over 4 classes (class 3 never occurs), 255 = ignore:
+    A: 8 x class 0, 4 x class 1, 4 ignored (12 labelled); B: 10 x class 0, 6 x class 2 (16);
+    C: 2 x class 1, 12 x class 2, 2 ignored (14)."""
+    from data_helpers import random_image, save
+
+    masks = {"a": [0] * 8 + [1] * 4 + [255] * 4, "b": [0] * 10 + [2] * 6, "c": [1] * 2 + [2] * 12 + [255] * 2}
+    rng = np.random.default_rng(0)
+    for name, values in masks.items():
+        save(root / "images/train" / f"{name}.png", random_image(rng, 4, 4))
+        save(root / "masks/train" / f"{name}.png", rng.permutation(np.array(values, np.uint8)).reshape(4, 4))
+    (root / "classes.yaml").write_text("classes: [c0, c1, c2, c3]\n")
+    return FolderDataset(root, "train")
+
+
+def test_class_frequencies_and_balance_weights_by_hand(tmp_path):
+    ds = _write_known_masks(tmp_path)
+    counts = class_frequencies(ds)
+    assert counts.pixels.tolist() == [18, 6, 18, 0]
+    assert counts.image_pixels.tolist() == [12 + 16, 12 + 14, 16 + 14, 0]
+    assert counts.images.tolist() == [2, 2, 2, 0] and counts.num_images == 3
+    assert class_frequencies(ds, num_workers=2) == counts  # read in DataLoader workers
+
+    # Median frequency: freq = 18/28, 6/26, 18/30; median 18/30 = 0.6; absent class 3 -> 1.
+    with pytest.warns(UserWarning, match=r"classes \[3\] never occur"):
+        median = balance_weights(counts, "median_frequency")
+    assert median.tolist() == pytest.approx([0.6 / (18 / 28), 0.6 / (6 / 26), 1.0, 1.0], rel=1e-12)
+    assert median.tolist() == pytest.approx([14 / 15, 2.6, 1.0, 1.0], rel=1e-12)
+
+    # Inverse log (ENet): p = 18/42, 6/42, 18/42, 0; w = 1 / ln(1.02 + p).
+    with pytest.warns(UserWarning):
+        inv = balance_weights(counts, "inverse_log")
+    expected = [1 / math.log(1.02 + 3 / 7), 1 / math.log(1.02 + 1 / 7), 1 / math.log(1.02 + 3 / 7),
+                1 / math.log(1.02)]
+    assert inv.tolist() == pytest.approx(expected, rel=1e-12)
+    assert expected[3] == pytest.approx(50.4983, rel=1e-5)
+    with pytest.raises(ValueError, match="unknown balance method 'tf-idf'"):
+        balance_weights(counts, "tf-idf")
+
+
+def test_class_weights_json_cache(tmp_path):
+    ds = _write_known_masks(tmp_path / "data")
+    cache = tmp_path / "run" / "class_weights.json"
+    with pytest.warns(UserWarning):
+        weights = auto_class_weights(ds, "median_frequency", cache=cache)
+    assert weights == pytest.approx([14 / 15, 2.6, 1.0, 1.0], rel=1e-12)
+    record = json.loads(cache.read_text())
+    assert record["method"] == "median_frequency" and record["classes"] == ["c0", "c1", "c2", "c3"]
+    assert record["frequencies"]["pixels"] == [18, 6, 18, 0]
+    assert not list(cache.parent.glob(".*"))  # no temp file left behind
+    # Computed once: with the masks gone, the cache still answers, exactly.
+    for mask in (tmp_path / "data/masks/train").iterdir():
+        mask.unlink()
+    assert auto_class_weights(ds, "median_frequency", cache=cache) == weights
+    assert load_class_weights(cache, num_classes=4, method="median_frequency") == weights
+    with pytest.raises(ValueError, match=r"class_weights.json: weights were computed with 'median_frequency', "
+                                         r"not 'inverse_log'; delete it"):
+        auto_class_weights(ds, "inverse_log", cache=cache)
+    with pytest.raises(ValueError, match="class_weights has 4 entries but there are 5 classes"):
+        load_class_weights(cache, num_classes=5)
+    save_class_weights(tmp_path / "w.json", [0.5, 2.0])
+    assert load_class_weights(tmp_path / "w.json") == [0.5, 2.0]
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a class weights file"):
+        load_class_weights(tmp_path / "bad.json")
 
 
 # --- OHEM ------------------------------------------------------------------------------------------
