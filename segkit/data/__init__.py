@@ -2,7 +2,8 @@
 
 ``build_dataset(cfg.dataset, split)`` builds one from a ``conf/dataset/*.yaml`` node; ``split`` is
 a split name of the dataset's layout or one of the aliases ``train`` / ``val`` (resolved through
-``train_split`` / ``val_split``).
+``train_split`` / ``val_split``). A folder dataset also takes ``mask_format`` (index | rgb | auto)
+and ``mask_dir`` (default ``masks``).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from segkit.data.ade20k import ADE20K_CLASSES, ADE20K_PALETTE, ADE20KDataset
-from segkit.data.base import SegmentationDataset
+from segkit.data.base import MASK_FORMATS, SegmentationDataset
 from segkit.data.cityscapes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, CityscapesDataset
 from segkit.data.demo import DEMO_CLASSES, DEMO_PALETTE, DemoDataset
 from segkit.data.folder import FolderDataset
@@ -58,9 +59,17 @@ def build_dataset(cfg: Mapping[str, Any], split: str, transform: A.Compose | Non
     if name == "demo":
         kwargs.update({key: int(cfg[key]) for key in ("seed", "num_train", "num_val", "image_size")
                        if cfg.get(key) is not None})
+    mask_format = cfg.get("mask_format") or "index"
+    if mask_format not in MASK_FORMATS:
+        raise ConfigError(f"dataset.mask_format={mask_format!r}; choose one of {', '.join(MASK_FORMATS)}")
     if name == "folder":
         # Training and validation need masks; other splits (e.g. test) may be unlabelled.
         kwargs["require_masks"] = split in splits.values()
+        kwargs["mask_format"] = mask_format
+        kwargs["mask_dir"] = cfg.get("mask_dir") or "masks"
+    elif mask_format != "index" or cfg.get("mask_dir") not in (None, "", "masks"):
+        raise ConfigError(f"dataset.mask_format / dataset.mask_dir apply to the folder dataset only; "
+                          f"the {name} dataset has its own mask layout")
     dataset = DATASETS[name](cfg["root"], split, **kwargs)
 
     expected = cfg.get("num_classes")
