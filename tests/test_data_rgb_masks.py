@@ -1,10 +1,13 @@
-"""Colour masks in folder datasets: decoding through the palette, auto detection, clear errors."""
+"""Colour masks in folder datasets: decoding through the palette, auto detection, clear errors, and
+``prepare folder --to-index``, whose index tree loads to exactly the same samples."""
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data_helpers import random_image, save
 from segkit.data import FolderDataset, build_dataset
+from segkit.data import prepare
 from segkit.data.base import ColorLut, color_codes
 from segkit.errors import ConfigError, DataError
 
@@ -39,6 +42,40 @@ def make_rgb_folder(root, classes=CLASSES, seed=0):
             expected[split, name] = index
     (root / "classes.yaml").write_text(classes)
     return expected
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.rstrip("\n").split("\n")
+    return err[-1]
+
+
+def test_rgb_tree_loads_like_its_index_conversion(tmp_path, capsys):
+    expected = make_rgb_folder(tmp_path)
+    assert prepare.main(["folder", "--root", str(tmp_path), "--to-index", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "5 index masks for split(s) train, val written to" in out and "dataset.mask_dir=masks_index" in out
+    # Ignore is written as the class file's own ignore value (254 here), which loading maps to 255.
+    with Image.open(tmp_path / "masks_index/train/img0.png") as written:
+        assert written.mode == "L" and 254 in np.array(written)
+
+    for split in ("train", "val"):
+        rgb = FolderDataset(tmp_path, split, mask_format="rgb")
+        auto = FolderDataset(tmp_path, split, mask_format="auto")
+        index = FolderDataset(tmp_path, split, mask_dir="masks_index")
+        cfg = {"name": "folder", "root": str(tmp_path), "train_split": "train", "val_split": "val",
+               "mask_format": "index", "mask_dir": "masks_index"}
+        built = build_dataset(cfg, split)
+        names = [rgb.name(i) for i in range(len(rgb))]
+        assert names == [index.name(i) for i in range(len(index))] == [built.name(i) for i in range(len(built))]
+        assert len(names) == (3 if split == "train" else 2)
+        for i, name in enumerate(names):
+            image, mask = rgb.load(i)
+            for other in (auto, index, built):
+                other_image, other_mask = other.load(i)
+                assert np.array_equal(image, other_image) and np.array_equal(mask, other_mask)
+            assert np.array_equal(mask, expected[split, name])
+            x, y = rgb[i]
+            assert torch.equal(y, index[i][1]) and torch.equal(x, index[i][0])
 
 
 def test_unknown_colours_name_the_file_colours_and_pixel_counts(tmp_path):
@@ -131,3 +168,35 @@ def test_palette_mode_colour_mask_reads_through_its_palette(tmp_path):
     # auto (and index) read a P image as indices: entry 3 is not a class of this dataset
     with pytest.raises(DataError, match="mask values 3 are outside the valid values 0..2, 254"):
         FolderDataset(tmp_path, "train", mask_format="auto").load(0)
+
+
+def test_prepare_to_index_refuses_bad_trees(tmp_path, capsys):
+    def run(*extra):
+        return prepare.main(["folder", "--root", str(tmp_path), "--to-index", "--workers", "1", *extra])
+
+    assert run() == 2
+    assert error_line(capsys) == f"error: {tmp_path / 'masks'} does not exist; expected colour masks in " \
+                                 f"{tmp_path / 'masks'}/<split>/"
+    expected = make_rgb_folder(tmp_path, classes="classes: [background, road, car]\n")
+    assert run() == 2
+    assert error_line(capsys).startswith(f"error: {tmp_path / 'classes.yaml'}: colour masks need 'palette'")
+
+    (tmp_path / "classes.yaml").write_text(CLASSES)
+    rgb = colorize(expected["val", "b"])
+    rgb[0, 0] = (7, 7, 7)
+    save(tmp_path / "masks/val/b.png", rgb)
+    assert run() == 2
+    err = error_line(capsys)
+    assert err.startswith("error: 1 of 5 mask(s) could not be converted, e.g. ")
+    assert "masks/val/b.png: 1 pixel(s) have colours not in the palette" in err and "(7, 7, 7) on 1 px" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.yaml", "images", "masks"]  # nothing half-written
+
+    assert run("--map-out-of-range-to-ignore") == 0
+    converted = FolderDataset(tmp_path, "val", mask_dir="masks_index").load(1)[1]
+    assert converted[0, 0] == 255 and np.array_equal(converted[1:], expected["val", "b"][1:])
+    before = (tmp_path / "masks_index/val/b.png").read_bytes()
+    assert run() == 2  # an existing destination is never overwritten
+    assert "masks_index already exists; delete it to convert again" in error_line(capsys)
+    assert (tmp_path / "masks_index/val/b.png").read_bytes() == before
+    assert run("--out", str(tmp_path / "masks" / "index")) == 2
+    assert "is inside" in error_line(capsys)
