@@ -119,9 +119,9 @@ def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, thresh: float
     the ``min_kept`` lowest-``p`` pixels are kept instead (all valid pixels when there are fewer than
     ``min_kept``; pixels tied with the ``min_kept``-th lowest are all kept). That is, keep
     ``p < max(thresh, p_(min_kept))`` up to ties, as PSPNet/HRNet's ``OhemCrossEntropy`` and
-    mmsegmentation's ``OHEMPixelSampler``. Two deliberate differences: ``min_kept`` counts pixels of
-    the whole batch (HRNet; mmseg multiplies it by the batch size), and with fewer valid pixels than
-    ``min_kept`` all of them are kept (both references then drop the easiest one).
+    mmsegmentation's ``OHEMPixelSampler``. ``min_kept`` counts pixels of the whole batch, as HRNet's
+    (mmseg multiplies it by the batch size). With fewer valid pixels than ``min_kept`` all of them are
+    kept, where both references drop the easiest one(s) unless they are below ``thresh``.
 
     The loss is the mean over the kept pixels, weighted by ``weight`` like :func:`cross_entropy`:
     ``sum_kept w[y] * nll / sum_kept w[y]``; 0 when nothing is kept. The selection is not
@@ -191,7 +191,7 @@ class SegmentationLoss(nn.Module):
     unweighted parts, detached for logging (``ce``, ``aux`` when given, then the extra names).
 
     ``class_weights`` (one per class) weight the cross-entropy of both heads (a weighted mean, see
-    :func:`cross_entropy`); their count is checked against ``num_classes`` when given, else against
+    :func:`cross_entropy`); their count is checked against ``num_classes`` when given, and against
     the logits at every forward. ``ohem`` (:class:`Ohem` or ``{thresh, min_kept}``) replaces the main
     head's cross-entropy by :func:`ohem_cross_entropy`; the auxiliary head keeps the plain (weighted)
     cross-entropy, as mmsegmentation's OHEM configs (the sampler is set on the decode head only).
