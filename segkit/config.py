@@ -89,6 +89,16 @@ class DemoDatasetSettings(DatasetSettings):
 
 
 @dataclass
+class FolderDatasetSettings(DatasetSettings):
+    """A user's own data also says how its masks are stored."""
+
+    mask_format: str = setting("index", choices=("index", "rgb", "auto"),
+                               doc="index PNGs, RGB colours of classes.yaml's palette, or per file")
+    mask_dir: str = setting("masks", nonempty=True, doc="ROOT/<mask_dir>/<split>/ (masks_index after "
+                                                        "prepare folder --to-index)")
+
+
+@dataclass
 class BackboneSettings:
     name: str = setting(choices=("resnest14", "resnest26", "resnest50", "resnest101", "resnest200", "resnest269",
                                  "resnest50_fast_1s1x64d", "resnest50_fast_2s1x64d", "resnest50_fast_4s1x64d",
@@ -100,9 +110,19 @@ class BackboneSettings:
 
 
 @dataclass
+class OhemSettings:
+    thresh: float = setting(0.7, gt=0, le=1, doc="keep pixels whose true-class probability is below this")
+    min_kept: int = setting(100_000, ge=1, doc="... and at least this many of the hardest per batch")
+
+
+@dataclass
 class LossSettings:
     aux_weight: float = setting(0.2, ge=0)
     extra: List[Dict[str, Any]] = setting([], doc="segmentation-models-pytorch losses: [{name, weight}]")
+    class_weights: Any = setting(None, doc="null | one weight per class | auto (from the training masks)")
+    balance: str = setting("median_frequency", choices=("median_frequency", "inverse_log"),
+                           doc="how class_weights=auto is computed")
+    ohem: Optional[OhemSettings] = setting(None, doc="null | {thresh, min_kept}: hard pixels only (main head)")
 
 
 @dataclass
@@ -210,16 +230,18 @@ class EvalJob:
 
 
 #: A dataset whose settings extend :class:`DatasetSettings` (the others use it as is).
-DATASET_SCHEMAS: dict[str, type[DatasetSettings]] = {"demo": DemoDatasetSettings}
+DATASET_SCHEMAS: dict[str, type[DatasetSettings]] = {"demo": DemoDatasetSettings,
+                                                      "folder": FolderDatasetSettings}
 
 
 def register_schemas() -> None:
     """Store the schemas in Hydra's ConfigStore (``conf/train.yaml`` and ``conf/eval.yaml`` start
-    from ``train_schema`` / ``eval_schema``; ``conf/dataset/demo.yaml`` from ``schema/demo_dataset``)."""
+    from ``train_schema`` / ``eval_schema``; ``conf/dataset/demo.yaml`` and ``folder.yaml`` from ``schema/<name>_dataset``)."""
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainJob)
     store.store(name="eval_schema", node=EvalJob)
     store.store(group="schema", name="demo_dataset", node=DemoDatasetSettings)
+    store.store(group="schema", name="folder_dataset", node=FolderDatasetSettings)
 
 
 # -- checks ------------------------------------------------------------------------------------
@@ -303,6 +325,15 @@ def check_max_batch(value: Any) -> None:
         raise ConfigError(f"eval.max_batch={value!r} is invalid: expected auto or an integer >= 1")
 
 
+def check_class_weights(value: Any) -> None:
+    if value is None or value == "auto":
+        return
+    if not (isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in value)):
+        raise ConfigError(f"model.loss.class_weights={value!r} is invalid: expected null, auto or a list of "
+                          f"one weight >= 0 per class")
+
+
 def check_resume(value: Any) -> None:
     if not (value is None or isinstance(value, bool) or (isinstance(value, str) and value)):
         raise ConfigError(f"resume={value!r} is invalid: expected null, true, auto or a checkpoint path")
@@ -341,6 +372,7 @@ def train_job(cfg: DictConfig) -> TrainJob:
     job = _to_object(cfg, TrainJob)
     validate(job)
     check_resume(job.resume)
+    check_class_weights(job.model.loss.class_weights)
     _check_dataset(job.dataset, job.backbone.output_stride)
     return job
 

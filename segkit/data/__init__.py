@@ -2,7 +2,8 @@
 
 ``build_dataset(settings, split)`` builds one from the typed dataset settings
 (:class:`segkit.config.DatasetSettings`); ``split`` is a split name of the dataset's layout or one
-of the aliases ``train`` / ``val`` (resolved through ``train_split`` / ``val_split``).
+of the aliases ``train`` / ``val`` (resolved through ``train_split`` / ``val_split``). A folder
+dataset also takes ``mask_format`` (index | rgb | auto) and ``mask_dir`` (default ``masks``).
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def build_dataset(settings: DatasetSettings, split: str, transform: A.Compose | 
         kwargs["num_classes"] = settings.num_classes  # 59 or 60: the class list depends on it
     if name == "folder":
         # Training and validation need masks; other splits (e.g. test) may be unlabelled.
-        kwargs["require_masks"] = split in splits.values()
+        kwargs.update(require_masks=split in splits.values(), mask_format=settings.mask_format,
+                      mask_dir=settings.mask_dir)
     dataset = DATASETS[name](settings.root, split, **kwargs)
 
     expected = settings.num_classes

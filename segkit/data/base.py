@@ -4,6 +4,10 @@ A dataset subclass only describes its layout (which files pair up) and its label
 validation and the (image, mask) contract live here. Checks that need every file opened (decoding,
 sizes, label values) happen lazily in :meth:`SegmentationDataset.load` and name the file; listing
 checks (missing directories, unpaired files, empty splits) happen at construction.
+
+Masks are single-channel class indices, or with ``mask_format="rgb"`` colour images whose colours
+are the classes' palette colours (``"auto"`` decides per file: PIL mode L/P -> index, RGB/RGBA ->
+colour), decoded through a :class:`ColorLut`.
 """
 from __future__ import annotations
 
@@ -28,7 +32,11 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # PIL modes of images with more than 8 bits per channel. They are rejected rather than rescaled:
 # 12/16-bit sensor data has no standard intensity window and a guessed one silently hurts training.
 HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+MASK_FORMATS = ("index", "rgb", "auto")
+INDEX_MASK_MODES = ("L", "P")
+COLOR_MASK_MODES = ("RGB", "RGBA")
 _EXAMPLES = 3
+_COLOR_EXAMPLES = 5
 
 
 class Sample(NamedTuple):
@@ -158,18 +166,49 @@ def read_image(path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot decode image ({e})") from None
 
 
-def read_mask(path: Path) -> np.ndarray:
-    """Decode a single-channel 8-bit mask (PIL mode L or P) as raw uint8 HxW values."""
+def read_mask(path: Path, mask_format: str = "index") -> np.ndarray:
+    """Decode a mask: raw uint8 HxW class values for an index mask (PIL mode L or P), uint8 HxWx3
+    colours for a colour mask (mode RGB, RGBA with the alpha dropped, or P through its palette).
+
+    ``mask_format`` is ``index``, ``rgb`` or ``auto`` (by mode: L/P -> index, RGB/RGBA -> colour);
+    the result's ``ndim`` tells which one was read.
+    """
+    if mask_format not in MASK_FORMATS:
+        raise ValueError(f"mask_format must be one of {', '.join(MASK_FORMATS)}, got {mask_format!r}")
     try:
         with Image.open(path) as img:
-            if img.mode not in ("L", "P"):
-                raise DataError(
-                    f"{path}: mask has PIL mode {img.mode}; expected a single-channel 8-bit PNG "
-                    f"of class indices (mode L or P), colour-coded or 16-bit masks must be converted"
-                )
-            return np.array(img)
+            mode = img.mode
+            colour = mask_format == "rgb" or (mask_format == "auto" and mode in COLOR_MASK_MODES)
+            if not colour:
+                if mode not in INDEX_MASK_MODES:
+                    hint = (" (or read as colours: dataset.mask_format=rgb or auto)"
+                            if mode in COLOR_MASK_MODES and mask_format == "index" else "")
+                    raise DataError(
+                        f"{path}: mask has PIL mode {mode}; expected a single-channel 8-bit PNG "
+                        f"of class indices (mode L or P), colour-coded or 16-bit masks must be "
+                        f"converted{hint}"
+                    )
+                return np.array(img)
+            if mode not in (*COLOR_MASK_MODES, "P"):
+                raise DataError(f"{path}: mask has PIL mode {mode}; colour masks (mask_format={mask_format}) "
+                                f"must be 8-bit RGB or RGBA images (single-channel index masks: "
+                                f"mask_format=index or auto)")
+            return np.array(img.convert("RGB"))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot decode mask ({e})") from None
+
+
+def color_codes(rgb: np.ndarray) -> np.ndarray:
+    """uint8 ...x3 colours -> uint32 ``R << 16 | G << 8 | B`` (one integer per colour)."""
+    rgb = np.asarray(rgb, dtype=np.uint8)
+    return ((rgb[..., 0].astype(np.uint32) << 16) | (rgb[..., 1].astype(np.uint32) << 8)
+            | rgb[..., 2].astype(np.uint32))
+
+
+def format_color(code: int) -> str:
+    """A colour code from :func:`color_codes` as ``(r, g, b)``."""
+    code = int(code)
+    return f"({code >> 16}, {(code >> 8) & 255}, {code & 255})"
 
 
 def map_labels(raw: np.ndarray, lut: np.ndarray, path: Path, out_of_range_to_ignore: bool) -> np.ndarray:
@@ -186,6 +225,76 @@ def map_labels(raw: np.ndarray, lut: np.ndarray, path: Path, out_of_range_to_ign
             )
         mapped[invalid] = IGNORE_INDEX
     return mapped.astype(np.uint8)
+
+
+def _perfect_hash(codes: np.ndarray) -> tuple[np.uint32, int]:
+    """Multiplier and bit count of a multiply-shift hash ``(code * a mod 2^32) >> (32 - bits)``
+    without collisions on ``codes`` (deterministic search; tables of at most a few 2^17 slots)."""
+    rng = np.random.default_rng(0)
+    for bits in range(max(1, (2 * len(codes)).bit_length()), 25):
+        for _ in range(32):
+            a = np.uint32(rng.integers(0, 1 << 32, dtype=np.uint64) | 1)
+            if len(np.unique((codes * a) >> np.uint32(32 - bits))) == len(codes):
+                return a, bits
+    # A random multiplier is collision-free with probability ~exp(-K^2 / 2^(bits+1)): with 32 tries
+    # per table size this is not reached for any palette.
+    raise RuntimeError(f"no collision-free colour hash found for {len(codes)} colours")
+
+
+class ColorLut:
+    """Exact colour -> train id table for colour masks: each palette colour is its class index,
+    each of ``ignore_colors`` is ignore (255). Colours must be distinct (ValueError naming them);
+    ``source`` names where the palette came from in error messages.
+
+    Lookups hash each pixel's 24-bit colour into a small collision-free table and compare the stored
+    colour: a few array passes per mask (~25 ms for 2048x1024, several times faster than a binary
+    search over the sorted palette).
+    """
+
+    def __init__(self, palette: np.ndarray, ignore_colors: np.ndarray | Sequence[Sequence[int]] = (),
+                 source: str = "the palette") -> None:
+        palette = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+        ignore = np.asarray(ignore_colors, dtype=np.uint8).reshape(-1, 3)
+        codes = color_codes(np.concatenate([palette, ignore]))
+        values = np.concatenate([np.arange(len(palette)), np.full(len(ignore), IGNORE_INDEX)]).astype(np.uint8)
+        labels = [f"class {i}" for i in range(len(palette))] + ["ignore_color"] * len(ignore)
+        seen: dict[int, str] = {}
+        for code, label in zip(codes.tolist(), labels):
+            if code in seen:
+                raise ValueError(f"colour {format_color(code)} is given to both {seen[code]} and {label}; "
+                                 f"colours must be distinct")
+            seen[code] = label
+        self.source = source
+        self._mul, bits = _perfect_hash(codes)
+        self._shift = np.uint32(32 - bits)
+        slots = (codes * self._mul) >> self._shift
+        self._slot_codes = np.full(1 << bits, 0xFFFFFFFF, dtype=np.uint32)  # no 24-bit colour
+        self._slot_codes[slots] = codes
+        self._slot_values = np.full(1 << bits, IGNORE_INDEX, dtype=np.uint8)
+        self._slot_values[slots] = values
+
+    def __call__(self, rgb: np.ndarray, path: Path, out_of_range_to_ignore: bool = False) -> np.ndarray:
+        """HxWx3 uint8 colours -> HxW uint8 train ids. Colours not in the table are an error naming
+        the file, the colours and their pixel counts, or ignore when ``out_of_range_to_ignore``."""
+        codes = color_codes(rgb)
+        slots = codes * self._mul  # wraps modulo 2^32
+        slots >>= self._shift
+        known = self._slot_codes[slots] == codes
+        mapped = self._slot_values[slots]
+        if not known.all():
+            unknown = ~known
+            if not out_of_range_to_ignore:
+                colors, counts = np.unique(codes[unknown], return_counts=True)
+                order = np.argsort(-counts, kind="stable")[:_COLOR_EXAMPLES]
+                listed = ", ".join(f"{format_color(colors[i])} on {counts[i]} px" for i in order)
+                more = f", ... ({len(colors)} colours in all)" if len(colors) > _COLOR_EXAMPLES else ""
+                raise DataError(
+                    f"{path}: {int(counts.sum())} pixel(s) have colours not in {self.source}: {listed}{more}; "
+                    f"fix the mask (antialiased or lossy export?), add the colour to the palette (or as "
+                    f"ignore_color), or set dataset.map_out_of_range_to_ignore=true"
+                )
+            mapped[unknown] = IGNORE_INDEX
+        return mapped
 
 
 class SegmentationDataset(Dataset):
@@ -210,7 +319,13 @@ class SegmentationDataset(Dataset):
         transform: A.Compose | None = None,
         preprocess: Preprocess = Preprocess(),
         map_out_of_range_to_ignore: bool = False,
+        mask_format: str = "index",
+        color_lut: ColorLut | None = None,
     ) -> None:
+        if mask_format not in MASK_FORMATS:
+            raise ValueError(f"mask_format must be one of {', '.join(MASK_FORMATS)}, got {mask_format!r}")
+        if mask_format == "rgb" and color_lut is None:
+            raise ValueError("mask_format='rgb' needs a color_lut")
         self.root = Path(root)
         self.split = split
         self.samples = samples
@@ -221,6 +336,8 @@ class SegmentationDataset(Dataset):
         self.label_lut = label_lut
         self.transform = transform
         self.map_out_of_range_to_ignore = map_out_of_range_to_ignore
+        self.mask_format = mask_format
+        self.color_lut = color_lut
         self._normalize = normalize_transform(preprocess)
 
     @property
@@ -244,18 +361,26 @@ class SegmentationDataset(Dataset):
         """The raw-value table for one mask file (datasets mixing label encodings override it)."""
         return self.label_lut
 
+    def missing_palette_error(self, mask_path: Path) -> DataError:
+        """The error for a colour mask met (``mask_format="auto"``) without a colour table."""
+        return DataError(f"{mask_path}: colour mask, but no class palette to read its colours with")
+
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw RGB uint8 HxWx3 image and HxW uint8 train-id mask (None when unlabelled)."""
         sample = self.samples[i]
         image = read_image(sample.image)
         if sample.mask is None:
             return image, None
-        raw = read_mask(sample.mask)
-        if raw.shape != image.shape[:2]:
+        raw = read_mask(sample.mask, self.mask_format)
+        if raw.shape[:2] != image.shape[:2]:
             raise DataError(
                 f"{sample.mask}: mask is {raw.shape[1]}x{raw.shape[0]} but its image "
                 f"{sample.image} is {image.shape[1]}x{image.shape[0]} (width x height)"
             )
+        if raw.ndim == 3:
+            if self.color_lut is None:
+                raise self.missing_palette_error(sample.mask)
+            return image, self.color_lut(raw, sample.mask, self.map_out_of_range_to_ignore)
         lut = self.label_lut_for(sample.mask)
         return image, map_labels(raw, lut, sample.mask, self.map_out_of_range_to_ignore)
 

@@ -3,6 +3,7 @@
     python -m segkit.data.prepare ade20k --root DIR [--url URL_OR_PATH] [--sha256 HEX]
     python -m segkit.data.prepare cityscapes --root DIR [--workers N]
     python -m segkit.data.prepare pascal_context --root DIR [--json PATH] [--workers N]
+    python -m segkit.data.prepare folder --root DIR --to-index [--workers N] [--out DIR]
 
 ADE20K is downloaded (resuming an interrupted download from its ``.part`` file through an HTTP
 Range request), checked against a known digest, extracted and counted. Cityscapes needs a login,
@@ -15,6 +16,15 @@ extracted layout), counts the images and writes ``*_gtFine_labelTrainIds.png`` n
 Conversions resume: finished files are kept, each file is written under a temporary name and
 renamed into place. ``--expect-counts TRAIN,VAL`` / ``--no-expect-counts`` change the image count
 check (for subsets and tests).
+
+``folder --to-index`` converts a folder dataset's colour masks (``ROOT/masks/<split>/``, colours from
+the ``palette`` / ``ignore_color`` of ``ROOT/classes.yaml``) to index PNGs in a new tree,
+``ROOT/masks_index/<split>/`` by default, then used with ``dataset.mask_dir=masks_index``. Index
+masks (PIL mode L/P) already in the tree are rewritten with their values unchanged, unless
+``--mask-format rgb`` reads every mask as colours. The tree is written next to its destination and
+renamed into place at the end, so it is complete or absent; an existing destination is an error,
+never overwritten. Colours not in the palette are an error (or ignore with
+``--map-out-of-range-to-ignore``).
 
 Expected problems end with a one-line message and exit status 2.
 """
@@ -43,7 +53,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from segkit.data.ade20k import ARCHIVE_DIR
-from segkit.data.base import map_labels, read_mask
+from segkit.data.base import IGNORE_INDEX, ColorLut, index_files, map_labels, read_mask
 from segkit.data.cityscapes import IMAGE_ENDING, LABEL_ID_LUT, LABEL_IDS_ENDING, TRAIN_IDS_ENDING
 from segkit.data.pascal_context import (
     ANNOTATION_JSON,
@@ -57,6 +67,7 @@ from segkit.data.pascal_context import (
     context_value,
 )
 from segkit.data.rle import decode_rle
+from segkit.data.folder import MASK_SUFFIXES, color_lut_for, load_class_file
 from segkit.errors import DataError, SegkitError
 
 ADE20K_URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
@@ -442,6 +453,69 @@ def prepare_pascal_context(root: Path, json_path: Path | None, workers: int,
     print(f"Pascal Context ready in {base} ({len(images)} masks, {converted} converted now)")
 
 
+def _write_index_mask(job: tuple[Path, Path, str, ColorLut, int, bool]) -> tuple[str | None, bool]:
+    """Convert one mask (pool worker): (error message or None, whether it was a colour mask)."""
+    src, dst, mask_format, lut, ignore_value, out_of_range_to_ignore = job
+    try:
+        raw = read_mask(src, mask_format)
+        colour = raw.ndim == 3
+        if colour:
+            raw = lut(raw, src, out_of_range_to_ignore)
+            raw[raw == IGNORE_INDEX] = ignore_value  # the class file's own ignore value
+    except DataError as e:
+        return str(e), False
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(raw).save(dst, format="PNG")
+    return None, colour
+
+
+def prepare_folder_to_index(root: Path, out: Path | None, workers: int, mask_format: str,
+                            out_of_range_to_ignore: bool) -> Path:
+    """Write index PNGs for every mask of ``ROOT/masks/<split>/`` into a new tree (see module doc)."""
+    if not root.is_dir():
+        raise DataError(f"{root} does not exist")
+    masks = root / "masks"
+    if not masks.is_dir():
+        raise DataError(f"{masks} does not exist; expected colour masks in {masks}/<split>/")
+    meta = load_class_file(root)
+    lut = color_lut_for(meta)  # errors unless the class file gives distinct palette colours
+    out = (root / "masks_index") if out is None else out
+    if out.exists():
+        raise DataError(f"{out} already exists; delete it to convert again, or choose another --out "
+                        f"(existing masks are never overwritten)")
+    if out.resolve().is_relative_to(masks.resolve()):
+        raise DataError(f"--out {out} is inside {masks}; choose a folder outside the colour masks")
+    splits = sorted(d.name for d in masks.iterdir() if d.is_dir())
+    jobs = []
+    for split in splits:
+        lossy = index_files(masks / split, (".jpg", ".jpeg"))
+        if lossy:
+            raise DataError(f"JPEG masks in {masks / split} ({', '.join(sorted(lossy)[:3])}): JPEG compression "
+                            f"changes colours, export the masks as PNG")
+        jobs += [(path, Path(split, key + ".png")) for key, path in index_files(masks / split, MASK_SUFFIXES).items()]
+    if not jobs:
+        raise DataError(f"no masks ({', '.join(MASK_SUFFIXES)}) found in {masks}/<split>/")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        tasks = [(src, tmp / rel, mask_format, lut, meta.ignore[0], out_of_range_to_ignore) for src, rel in jobs]
+        with multiprocessing.Pool(max(1, workers)) as pool:
+            results = list(tqdm(pool.imap(_write_index_mask, tasks, chunksize=8), total=len(tasks),
+                                unit="file", desc="index masks"))
+        errors = [e for e, _ in results if e]
+        if errors:
+            raise DataError(f"{len(errors)} of {len(jobs)} mask(s) could not be converted, e.g. {errors[0]}")
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    converted = sum(colour for _, colour in results)
+    mask_dir = out.relative_to(root) if out.is_relative_to(root) else out
+    print(f"{len(jobs)} index masks for split(s) {', '.join(splits)} written to {out} ({converted} from "
+          f"colour masks, {len(jobs) - converted} copied); train on them with dataset.mask_dir={mask_dir} "
+          f"dataset.mask_format=index ({masks} is unchanged)")
+    return out
+
+
 def _counts(value: str) -> tuple[int, int]:
     try:
         train, val = (int(v) for v in value.split(","))
@@ -476,15 +550,29 @@ def _parser() -> argparse.ArgumentParser:
     commands["pascal_context"][0].add_argument(
         "--json", type=Path, help=f"the Detail API's {ANNOTATION_JSON} (default: in "
         f"ROOT/{DEVKIT_DIR.as_posix()} or ROOT)")
+    folder = sub.add_parser("folder", help="convert a folder dataset's colour masks to index PNGs")
+    folder.add_argument("--root", type=Path, required=True, help="dataset directory (with classes.yaml)")
+    folder.add_argument("--to-index", action="store_true", required=True,
+                        help="write index PNGs for the colour masks of ROOT/masks/<split>/")
+    folder.add_argument("--out", type=Path, help="new folder for the index masks (default: ROOT/masks_index)")
+    folder.add_argument("--mask-format", choices=("auto", "rgb"), default="auto",
+                        help="auto: L/P masks are already indices and copied; rgb: every mask is colours")
+    folder.add_argument("--map-out-of-range-to-ignore", action="store_true",
+                        help="colours not in the palette become ignore instead of an error")
+    folder.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="conversion processes")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    official = {"ade20k": ADE20K_COUNTS, "cityscapes": CITYSCAPES_COUNTS,
-                "pascal_context": PASCAL_CONTEXT_COUNTS}[args.dataset]
-    counts = dict(zip(official, args.expect_counts)) if args.expect_counts is not None else None
     try:
+        if args.dataset == "folder":
+            prepare_folder_to_index(args.root, args.out, args.workers, args.mask_format,
+                                    args.map_out_of_range_to_ignore)
+            return 0
+        official = {"ade20k": ADE20K_COUNTS, "cityscapes": CITYSCAPES_COUNTS,
+                    "pascal_context": PASCAL_CONTEXT_COUNTS}[args.dataset]
+        counts = dict(zip(official, args.expect_counts)) if args.expect_counts is not None else None
         if args.dataset == "ade20k":
             prepare_ade20k(args.root, args.url, args.sha256, counts)
         elif args.dataset == "cityscapes":

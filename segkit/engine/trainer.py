@@ -35,7 +35,7 @@ from segkit.engine.optim import build_optimizer, build_scheduler
 from segkit.engine.run_dir import RunLock, RunRecords, take_run_dir
 from segkit.engine.sampler import IterationBatchSampler, SeededSamples
 from segkit.errors import CheckpointError, ConfigError, SegkitError
-from segkit.losses import SegmentationLoss
+from segkit.losses import Ohem, SegmentationLoss, auto_class_weights
 from segkit.models.segmentor import Segmentor, build_segmentor
 
 
@@ -111,6 +111,26 @@ def _restore_training_state(parts: TrainingParts, ckpt: dict[str, Any], path: Pa
             torch.cuda.set_rng_state(states[env.rank]["cuda"], env.device)
 
 
+def _resolve_class_weights(job: TrainJob, train_set: SegmentationDataset, ckpt: dict[str, Any] | None) -> TrainJob:
+    """``class_weights=auto`` becomes the weights themselves (computed once from the training masks,
+    or those of the checkpoint being resumed), so config.yaml and every checkpoint record them."""
+    loss = job.model.loss
+    if loss.class_weights != "auto":
+        return job
+    saved = (ckpt or {}).get("config", {}).get("model", {}).get("loss", {}).get("class_weights")
+    weights = saved if isinstance(saved, list) else auto_class_weights(
+        train_set, loss.balance, num_workers=job.train.workers, progress=distributed.is_main_process() and job.train.progress)
+    return dataclasses.replace(job, model=dataclasses.replace(
+        job.model, loss=dataclasses.replace(loss, class_weights=[float(w) for w in weights])))
+
+
+def _build_loss(job: TrainJob, ignore_index: int) -> SegmentationLoss:
+    loss = job.model.loss
+    ohem = Ohem(loss.ohem.thresh, loss.ohem.min_kept) if loss.ohem is not None else None
+    return SegmentationLoss(loss.aux_weight, ignore_index, loss.extra, class_weights=loss.class_weights,
+                            ohem=ohem, num_classes=job.dataset.num_classes)
+
+
 def build_training(job: TrainJob, run_dir: Path) -> TrainingParts:
     """Join the process group and build everything a run needs, reading the checkpoint to resume
     from first, so that a bad one stops the run before anything is written."""
@@ -131,6 +151,7 @@ def build_training(job: TrainJob, run_dir: Path) -> TrainingParts:
     total_iters = t.iters or t.epochs * iters_per_epoch
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
+    job = _resolve_class_weights(job, train_set, ckpt)
     model = build_segmentor(job.backbone, job.model, job.dataset.num_classes, load_weights=ckpt is None)
     if ckpt is not None:
         checkpoint.restore_model(model, ckpt["model"], resume_path, ckpt.get("config"), job.backbone.name,
@@ -144,7 +165,7 @@ def build_training(job: TrainJob, run_dir: Path) -> TrainingParts:
         job=job, env=env, train_set=train_set, val_set=val_set, model=model, optimizer=optimizer,
         scheduler=build_scheduler(optimizer, job.schedule, total_iters),
         scaler=torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16),
-        criterion=SegmentationLoss(job.model.loss.aux_weight, train_set.ignore_index, job.model.loss.extra),
+        criterion=_build_loss(job, train_set.ignore_index),
         total_iters=total_iters, iters_per_epoch=iters_per_epoch)
     torch.manual_seed(t.seed + env.rank)  # dropout streams differ across ranks
     if ckpt is not None:
