@@ -49,12 +49,25 @@ def _run_stamp() -> str:
     return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started))
 
 
+def _run_dir(parent: str, resume: object = None) -> str:
+    """``parent/<time stamp>``; with ``resume=latest`` the newest run under ``parent`` that has a
+    ``last.pt`` (a new stamp when there is none)."""
+    if resume == "latest":
+        runs = sorted((p for p in Path(parent).glob("*/last.pt")), key=lambda p: p.parent.name)
+        if runs:
+            return str(runs[-1].parent)
+    return f"{parent}/{_run_stamp()}"
+
+
 def register_resolvers() -> None:
-    """``${segkit_run_stamp:}`` in the configs, and the schemas they are presets of."""
+    """``${segkit_run_stamp:}`` and ``${segkit_run_dir:PARENT,RESUME}`` in the configs, and the
+    schemas the configs are presets of."""
     from segkit.config import register_schemas
 
     if not OmegaConf.has_resolver("segkit_run_stamp"):
         OmegaConf.register_new_resolver("segkit_run_stamp", _run_stamp, use_cache=True)
+    if not OmegaConf.has_resolver("segkit_run_dir"):
+        OmegaConf.register_new_resolver("segkit_run_dir", _run_dir, use_cache=True)
     register_schemas()
 
 
@@ -155,7 +168,9 @@ def _eval(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
     from segkit.config import checkpoint_path, eval_job
     from segkit.engine.evaluator import run_evaluation
 
-    ckpt = checkpoint.load_model(checkpoint_path(cfg))
+    path = checkpoint_path(cfg)
+    eval_job(cfg, None, overrides)  # bad values are reported before a large checkpoint is read
+    ckpt = checkpoint.load_model(path)
     run_evaluation(eval_job(cfg, ckpt.config, overrides), ckpt, run_dir)
 
 

@@ -122,7 +122,9 @@ class LossSettings:
     class_weights: Any = setting(None, doc="null | one weight per class | auto (from the training masks)")
     balance: str = setting("median_frequency", choices=("median_frequency", "inverse_log"),
                            doc="how class_weights=auto is computed")
-    ohem: Optional[OhemSettings] = setting(None, doc="null | {thresh, min_kept}: hard pixels only (main head)")
+    # Any, not Optional[OhemSettings]: OmegaConf cannot merge an override into a None structured
+    # node; _typed_ohem() turns the mapping into OhemSettings (keys and types checked).
+    ohem: Any = setting(None, doc="null | {thresh, min_kept}: hard pixels only (main head)")
 
 
 @dataclass
@@ -169,6 +171,8 @@ class TrainSettings:
     sync_bn: bool = True
     log_every: int = setting(20, ge=1)
     val_every: Optional[int] = setting(None, ge=1)
+    val_max_size: Optional[int] = setting(2048, ge=1, doc="validation: longer images go through crop windows")
+    val_images: int = setting(4, ge=0, doc="validation images shown in TensorBoard (image | prediction | truth)")
     ckpt_every: int = setting(1000, ge=1)
     progress: bool = True
 
@@ -180,7 +184,16 @@ class EvalSettings:
     # into a typed list; the rules below check the list instead.
     scales: Any = setting(None, numbers=True, nonempty=True, each={"gt": 0}, doc="null = single scale")
     flip: bool = True
+    # The original evaluation (PyTorch-Encoding's MultiEvalModule) resizes with align_corners=True,
+    # fuses views as exp(logits + flipped logits) summed over scales and starts every window at
+    # k * stride; segkit's defaults differ in fusion and window placement (README, "Evaluation").
+    align_corners: bool = setting(True, doc="bilinear resizes of images and scores, as the original")
+    fusion: str = setting("softmax", choices=("softmax", "original"),
+                          doc="softmax: mean of probabilities; original: exp-sum of logits (overflow-safe)")
+    window_placement: str = setting("border", choices=("border", "original"),
+                                    doc="border: last window ends at the border; original: k * stride, padded")
     max_batch: Any = setting("auto", doc="auto or a positive integer")
+    max_size: Optional[int] = setting(2048, ge=1, doc="single scale: longer images go through crop windows")
     amp: Optional[str] = setting(None, choices=AMP_CHOICES)
     channels_last: bool = True
     fold_bn: bool = True
@@ -213,7 +226,7 @@ class TrainJob:
     optim: OptimSettings = MISSING
     schedule: ScheduleSettings = MISSING
     train: TrainSettings = field(default_factory=TrainSettings)
-    resume: Any = setting(None, doc="null | true | auto | a checkpoint path")
+    resume: Any = setting(None, doc="null | true | auto | latest | a checkpoint path")
 
 
 @dataclass
@@ -336,7 +349,7 @@ def check_class_weights(value: Any) -> None:
 
 def check_resume(value: Any) -> None:
     if not (value is None or isinstance(value, bool) or (isinstance(value, str) and value)):
-        raise ConfigError(f"resume={value!r} is invalid: expected null, true, auto or a checkpoint path")
+        raise ConfigError(f"resume={value!r} is invalid: expected null, true, auto, latest or a checkpoint path")
 
 
 def check_world_size(train: TrainSettings, world_size: int) -> None:
@@ -353,11 +366,24 @@ def _to_object(cfg: DictConfig, schema: type) -> Any:
     try:
         node = OmegaConf.structured(schema)
         node.dataset = DATASET_SCHEMAS.get(OmegaConf.select(cfg, "dataset.name"), DatasetSettings)
-        return OmegaConf.to_object(OmegaConf.merge(node, cfg))
+        job = OmegaConf.to_object(OmegaConf.merge(node, cfg))
+        job.model.loss.ohem = _typed_ohem(job.model.loss.ohem)
+        return job
     except MissingMandatoryValue as e:
         raise ConfigError(f"the config needs a value for '{e.full_key}': pass {e.full_key}=...") from None
     except OmegaConfBaseException as e:
         raise ConfigError(describe_omegaconf_error(e)) from None
+
+
+def _typed_ohem(value: Any) -> OhemSettings | None:
+    if value is None or isinstance(value, OhemSettings):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"model.loss.ohem={value!r} is invalid: expected null or {{thresh: 0.7, min_kept: 100000}}")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OhemSettings), value))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"model.loss.ohem.{describe_omegaconf_error(e)}") from None
 
 
 def describe_omegaconf_error(e: OmegaConfBaseException) -> str:

@@ -32,6 +32,20 @@ class ExportDataset(Protocol):
     def encode_prediction(self, pred: np.ndarray) -> np.ndarray: ...
 
 
+def full_palette(palette: np.ndarray) -> np.ndarray:
+    """The class colours as 256 entries, so that the ignore index (255) of a ground truth shows black."""
+    out = np.zeros((256, 3), np.uint8)
+    out[: len(palette)] = palette
+    return out
+
+
+def comparison(image: np.ndarray, pred: np.ndarray, mask: np.ndarray | None, palette: np.ndarray) -> np.ndarray:
+    """image | prediction | ground truth (without the last panel when unlabelled), HxWx3 uint8;
+    ``palette`` from :func:`full_palette`."""
+    panels = [image, palette[pred.astype(np.uint8)]] + ([] if mask is None else [palette[mask]])
+    return np.concatenate(panels, axis=1)
+
+
 class MaskExporter:
     """Per-image callback for :func:`segkit.engine.inference.evaluate` that writes predictions.
 
@@ -52,9 +66,7 @@ class MaskExporter:
                               f"or pass export.overwrite=true to replace its masks")
         distributed.barrier()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        # 256 entries so that the ignore index (255) of a ground truth shows black.
-        self._palette = np.zeros((256, 3), np.uint8)
-        self._palette[: len(dataset.palette)] = dataset.palette
+        self._palette = full_palette(dataset.palette)
 
     def path(self, kind: str, name: str) -> Path:
         """Where the ``kind`` ("labels", "color", "overlay", "compare") PNG of ``name`` goes."""
@@ -89,5 +101,4 @@ class MaskExporter:
             blend = (1 - self.alpha) * image + self.alpha * pred_rgb
             self._write("overlay", name, Image.fromarray(blend.round().astype(np.uint8)))
         if self.side_by_side:
-            panels = [image, pred_rgb] + ([] if mask is None else [self._palette[mask]])
-            self._write("compare", name, Image.fromarray(np.concatenate(panels, axis=1)))
+            self._write("compare", name, Image.fromarray(comparison(image, labels, mask, self._palette)))

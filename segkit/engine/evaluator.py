@@ -43,7 +43,8 @@ def metrics_record(metrics: dict[str, Any], classes: list[str], job: EvalJob, ch
         "IoU": {c: _finite(float(v)) for c, v in zip(classes, metrics["IoU"])},
         "acc": {c: _finite(float(v)) for c, v in zip(classes, metrics["acc"])},
         "dataset": job.dataset.name, "split": job.eval.split, "backbone": job.backbone.name,
-        "scales": job.eval.scales, "flip": job.eval.flip, "checkpoint": str(checkpoint),
+        "scales": job.eval.scales, "flip": job.eval.flip, "align_corners": job.eval.align_corners,
+        "fusion": job.eval.fusion, "window_placement": job.eval.window_placement, "checkpoint": str(checkpoint),
         "checkpoint_sha256": _sha256(checkpoint), "num_images": metrics["num_images"], "seconds": seconds,
         "images_per_s": metrics["num_images"] / seconds if seconds > 0 else None,
     }
@@ -73,7 +74,9 @@ def run_evaluation(job: EvalJob, ckpt: ModelCheckpoint, run_dir: Path) -> dict[s
                        crop_size=d.crop_size, preprocess=d.preprocess, convention=d.miou_convention,
                        pad_multiple=job.backbone.output_stride, max_batch=e.max_batch, autocast=e.amp,
                        device=env.device, num_workers=e.workers,
-                       progress=distributed.is_main_process() and e.progress, callback=exporter)
+                       progress=distributed.is_main_process() and e.progress, callback=exporter,
+                       align_corners=e.align_corners, fusion=e.fusion, window_placement=e.window_placement,
+                       max_size=e.max_size)
     seconds = time.perf_counter() - started
     if not distributed.is_main_process():
         return None

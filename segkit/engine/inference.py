@@ -376,11 +376,15 @@ def evaluate(model: nn.Module, dataset: SegDataset, *, scales: Sequence[float] |
              autocast: AutocastDtype = None, device: torch.device | str | None = None,
              num_workers: int = 2, progress: bool = True,
              callback: ImageCallback | None = None, align_corners: bool = True,
-             fusion: str = "softmax", window_placement: str = "border") -> dict[str, Any]:
+             fusion: str = "softmax", window_placement: str = "border",
+             max_size: int | None = None) -> dict[str, Any]:
     """Evaluate ``model`` on ``dataset`` and return :meth:`ConfusionMatrix.compute`'s metrics.
 
     Without ``scales`` each image is predicted whole at its own size (:func:`predict_single`; with
-    ``flip`` together with its mirror, softmax probabilities summed);
+    ``flip`` together with its mirror, softmax probabilities summed), unless its long side exceeds
+    ``max_size``: then it is covered at its own size by ``crop_size`` windows, so that the network's
+    memory stays that of a window batch whatever the image size (what remains grows with the image:
+    the class scores, C x H x W float32);
     with ``scales`` (plus ``base_size`` and ``crop_size``) by :func:`predict_multiscale`, in
     forwards of ``max_batch`` windows (:func:`resolve_max_batch`), with its ``align_corners``,
     ``fusion`` and ``window_placement`` (they apply to multi-scale evaluation only; invalid values
@@ -398,10 +402,14 @@ def evaluate(model: nn.Module, dataset: SegDataset, *, scales: Sequence[float] |
     if scales is not None and (base_size is None or crop_size is None):
         raise ConfigError(f"multi-scale evaluation with scales={list(scales)} needs base_size and "
                           f"crop_size, got base_size={base_size}, crop_size={crop_size}")
+    if max_size is not None and (crop_size is None or max_size < 1):
+        raise ConfigError(f"max_size={max_size} needs a crop_size for its windows and must be positive, "
+                          f"got crop_size={crop_size}")
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
-    max_batch = resolve_max_batch(max_batch, crop_size if scales is not None else None, device)
+    windows = scales is not None or max_size is not None
+    max_batch = resolve_max_batch(max_batch, crop_size if windows else None, device)
     pad_value = preprocess.pad_value
     confmat = ConfusionMatrix(dataset.num_classes, dataset.ignore_index, device)
 
@@ -417,7 +425,11 @@ def evaluate(model: nn.Module, dataset: SegDataset, *, scales: Sequence[float] |
         with torch.inference_mode():
             for index, image, mask in loader:
                 x = preprocess(image.to(device, non_blocking=True))
-                if scales is None and flip:  # the image and its mirror in one batch
+                if scales is None and max_size is not None and max(x.shape[-2:]) > max_size:
+                    pred = predict_multiscale(model, x, [1.0], flip, max(x.shape[-2:]), crop_size,
+                                              dataset.num_classes, max_batch=max_batch, pad_value=pad_value,
+                                              autocast=autocast, argmax=True)
+                elif scales is None and flip:  # the image and its mirror in one batch
                     logits = predict_single(model, torch.stack([x, x.flip(-1)]), pad_multiple=pad_multiple,
                                             pad_value=pad_value, autocast=autocast)
                     pred = (logits[0].softmax(0) + logits[1].flip(-1).softmax(0)).argmax(0)

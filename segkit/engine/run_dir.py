@@ -16,11 +16,14 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+from tqdm import tqdm
+
 from segkit.errors import ConfigError
 from segkit.files import remove_stale_temporaries, write_text_atomic
 
 #: What a run writes; any of them marks a directory as holding an earlier run.
-RECORDS = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "tb")
+RECORDS = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "train.log", "tb")
 LOCK = ".lock"
 
 
@@ -61,11 +64,13 @@ class RunLock:
 
 
 class RunRecords:
-    """Rank 0's records: ``config.yaml``, ``metrics.jsonl`` and TensorBoard events under ``tb/``."""
+    """Rank 0's records: ``config.yaml``, ``metrics.jsonl``, ``train.log`` (the console's lines
+    without the progress bar) and TensorBoard events under ``tb/``."""
 
     def __init__(self, run_dir: Path, config_yaml: str, start_iter: int) -> None:
         self.run_dir = run_dir
         self.metrics = run_dir / "metrics.jsonl"
+        self.text_log = run_dir / "train.log"
         write_text_atomic(run_dir / "config.yaml", config_yaml)
         self._drop_after(start_iter)
         from torch.utils.tensorboard import SummaryWriter  # slow import: only where records are written
@@ -85,6 +90,17 @@ class RunRecords:
         for key, value in record.items():
             if key not in ("iter", "epoch", "split") and isinstance(value, (int, float)):
                 self.tb.add_scalar(f"{record.get('split', 'train')}/{key}", value, record["iter"])
+
+    def say(self, line: str) -> None:
+        """A line for the console (above the progress bar) and for ``train.log``."""
+        tqdm.write(line)
+        with open(self.text_log, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+    def add_images(self, tag: str, images: list[np.ndarray], iteration: int) -> None:
+        """HxWx3 uint8 pictures under ``tag/0``, ``tag/1``, ... at ``iteration``."""
+        for i, image in enumerate(images):
+            self.tb.add_image(f"{tag}/{i}", image, iteration, dataformats="HWC")
 
     def close(self) -> None:
         self.tb.close()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
@@ -35,6 +36,7 @@ from segkit.engine.optim import build_optimizer, build_scheduler
 from segkit.engine.run_dir import RunLock, RunRecords, take_run_dir
 from segkit.engine.sampler import IterationBatchSampler, SeededSamples
 from segkit.errors import CheckpointError, ConfigError, SegkitError
+from segkit.export import comparison, full_palette
 from segkit.losses import Ohem, SegmentationLoss, auto_class_weights
 from segkit.models.segmentor import Segmentor, build_segmentor
 
@@ -47,12 +49,13 @@ def resolve_resume(resume: Any, run_dir: Path) -> Path | None:
     """The checkpoint to continue from, or None for a fresh run.
 
     ``resume``: null/false = fresh run, true = ``last.pt`` of this run directory, ``auto`` = that
-    file if it exists, else a path.
+    file if it exists (so does ``latest``, whose run directory is the newest run of the experiment,
+    see :mod:`segkit.cli`), else a path.
     """
     last = run_dir / "last.pt"
     if resume in (None, False):
         return None
-    if resume == "auto":
+    if resume in ("auto", "latest"):
         return last if last.exists() else None
     return last if resume is True else Path(str(resume)).expanduser()
 
@@ -227,12 +230,24 @@ class Trainer:
 
     def validate(self, iteration: int) -> dict[str, Any]:
         t, d = self.job.train, self.job.dataset
+        shown: list[np.ndarray] = []
+        palette = full_palette(self.parts.val_set.palette)
+
+        def keep_pictures(index: int, image: np.ndarray, mask: np.ndarray | None, pred: np.ndarray) -> None:
+            # The first images of rank 0's shard: the same ones at every validation.
+            if self.records is not None and len(shown) < t.val_images:
+                shown.append(comparison(image, pred, mask, palette))
+
         metrics = evaluate(_unwrap(self.model), self.parts.val_set, preprocess=d.preprocess,
                            convention=d.miou_convention, pad_multiple=self.job.backbone.output_stride,
-                           autocast=t.amp, device=self.env.device, num_workers=t.workers,
-                           progress=self.is_main and t.progress)
+                           crop_size=d.crop_size, max_size=t.val_max_size, autocast=t.amp,
+                           device=self.env.device, num_workers=t.workers, progress=self.is_main and t.progress,
+                           callback=keep_pictures)
         summary = {k: metrics[k] for k in ("pixAcc", "mIoU")}
         self.log({"split": "val", "iter": iteration, **summary})
+        if self.records is not None:
+            self.records.add_images("val", shown, iteration)
+            self.records.say(f"iter {iteration}: val pixAcc {summary['pixAcc']:.4f} mIoU {summary['mIoU']:.4f}")
         if metrics["mIoU"] > self.parts.best_miou:
             self.parts.best_miou = metrics["mIoU"]
             if self.is_main:
@@ -319,13 +334,15 @@ class Trainer:
                 window_start, window_images = time.perf_counter(), 0
             if it % val_every == 0 or it == p.total_iters:
                 summary = self.validate(it)
-                if self.is_main:
-                    bar.write(f"iter {it}: val pixAcc {summary['pixAcc']:.4f} mIoU {summary['mIoU']:.4f}")
             if it % t.ckpt_every == 0 or it == p.total_iters:
                 self.save(it)
         bar.close()
         result = {"iter": it, "best_mIoU": p.best_miou, **{f"val_{k}": v for k, v in summary.items()}}
         self.log({"split": "final", **result})
+        best = self.run_dir / "best.pt"
+        if self.records is not None and best.exists():
+            self.records.say(f"best checkpoint: {best} (val mIoU {p.best_miou:.4f}); evaluate it (multi-scale + flip) "
+                             f"with: segkit-eval checkpoint={best}")
         return result
 
 
