@@ -269,9 +269,9 @@ class _ScaleView:
             count[:, y:y + hy, x:x + wx] += 1
         h, w = self.size
         acc, self.acc = self.acc, None
-        if self.fusion == "softmax":
-            return _resize((acc / count)[None, :, :h, :w], out_size, self.align_corners)[0]
-        return _log_resize((acc - count.log())[:, :h, :w], out_size, self.align_corners)
+        if self.fusion == "softmax":  # in place: the accumulator is this method's now
+            return _resize(acc.div_(count)[None, :, :h, :w], out_size, self.align_corners)[0]
+        return _log_resize(acc.sub_(count.log())[:, :h, :w], out_size, self.align_corners)
 
 
 @torch.inference_mode()
@@ -336,8 +336,7 @@ def predict_multiscale(model: nn.Module, image: torch.Tensor, scales: Sequence[f
         views.append(_ScaleView(image, size, crop_size, pad_value, len(flips), fusion=fusion,
                                 window_placement=window_placement, align_corners=align_corners))
     jobs = [(view, box, mirrored) for view in views for box in view.boxes for mirrored in flips]
-    fill = 0.0 if fusion == "softmax" else -math.inf
-    total = image.new_full((num_classes, h, w), fill, dtype=torch.float32)
+    total: torch.Tensor | None = None  # the first finished view's map itself: one C x H x W less
     for start in range(0, len(jobs), max_batch):
         chunk = jobs[start:start + max_batch]
         batch = torch.stack([view.window(box, mirrored) for view, box, mirrored in chunk])
@@ -347,10 +346,15 @@ def predict_multiscale(model: nn.Module, image: torch.Tensor, scales: Sequence[f
         for scores, (view, box, mirrored) in zip(out, chunk):
             view.add(scores, box, mirrored)
             if view.pending == 0:
-                if fusion == "softmax":
-                    total += view.finish((h, w))
+                done = view.finish((h, w))
+                if total is None:
+                    total = done
+                elif fusion == "softmax":
+                    total += done
                 else:
-                    total = torch.logaddexp(total, view.finish((h, w)))
+                    total = torch.logaddexp(total, done)
+    if total.shape[0] != num_classes:
+        raise ValueError(f"the model returned {total.shape[0]} class scores, expected num_classes={num_classes}")
     return total.argmax(0) if argmax else total
 
 
