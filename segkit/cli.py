@@ -11,6 +11,7 @@ import dataclasses
 import errno
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from segkit import distributed
+from segkit.engine.interrupt import Interrupted, exit_status
 from segkit.errors import SegkitError
 
 T = TypeVar("T")
@@ -104,17 +106,33 @@ def describe_error(e: BaseException) -> str | None:
     return None
 
 
+def _print_error(line: str) -> None:
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:  # stderr is gone (the launcher was killed): the exit status still tells
+        pass
+
+
 def fail(message: str) -> NoReturn:
     if distributed.is_main_process():
-        print(f"error: {message}", file=sys.stderr)
+        _print_error(f"error: {message}")
     sys.exit(2)
 
 
 def run_cli(fn: Callable[[], T]) -> T:
     """Run ``fn``; an expected error ends the command with its message (printed by rank 0) and exit
-    status 2; anything else keeps its traceback."""
+    status 2; a training run stopped by a signal ends with its one line and 128 + the
+    signal number; anything else keeps its traceback."""
     try:
         return fn()
+    except Interrupted as e:
+        if distributed.is_main_process():
+            _print_error(str(e))
+        sys.exit(e.exit_status)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop: nothing half-done is kept
+        if distributed.is_main_process():
+            _print_error("interrupted (SIGINT)")
+        sys.exit(exit_status(signal.SIGINT))
     except Exception as e:  # noqa: BLE001 - sorted into expected and unexpected right here
         message = describe_error(e)
         if message is None:
