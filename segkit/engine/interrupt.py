@@ -81,13 +81,18 @@ class StopSignals:
     instead of ending the process; the training loop polls :attr:`requested`.
 
     ``announce``: print a line when the first signal arrives (rank 0). ``forced``: what to say when
-    a second Ctrl-C ends the process at once (which checkpoint is on disk).
+    a second Ctrl-C ends the process at once (which checkpoint is on disk). ``failed_status``: when
+    the block is left by an error other than :class:`Interrupted`, a later SIGTERM ends the process
+    at once with this status instead of killing it: torchrun stops the other ranks of a failed
+    launch with SIGTERM, and they fail with the run (status 2), whatever they are doing then.
     """
 
-    def __init__(self, announce: bool = True, forced: Callable[[], str] | None = None) -> None:
+    def __init__(self, announce: bool = True, forced: Callable[[], str] | None = None,
+                 failed_status: int | None = None) -> None:
         self.signum: int | None = None
         self.announce = announce
         self.forced = forced
+        self.failed_status = failed_status
         self._previous: dict[int, Any] = {}
         self._pid = os.getpid()
 
@@ -105,10 +110,21 @@ class StopSignals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        if (self._previous and self.failed_status is not None and exc_type is not None
+                and not issubclass(exc_type, Interrupted)):
+            signal.signal(signal.SIGTERM, self._exit_failed)
         self._previous.clear()
+
+    def _exit_failed(self, signum: int, frame: FrameType | None) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed stream must not keep the process alive
+                pass
+        os._exit(self.failed_status if self.failed_status is not None else exit_status(signum))
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if os.getpid() != self._pid:

@@ -291,7 +291,8 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         self._open_run_dir()
-        self.stop = StopSignals(announce=self.is_main, forced=self._on_disk)
+        self.stop = StopSignals(announce=self.is_main, forced=self._on_disk,
+                                failed_status=2 if self.env.world_size > 1 else None)
         try:
             with self.stop:
                 return self._fit()
