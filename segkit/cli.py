@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from segkit import distributed, reporting
-from segkit.engine.interrupt import Interrupted, exit_status
+from segkit.engine.interrupt import Interrupted, exit_status, watch_parent
 from segkit.errors import SegkitError
 
 T = TypeVar("T")
@@ -210,6 +210,7 @@ def hydra_command(config_name: str, task: Callable[[DictConfig, Path, list[str]]
     @hydra.main(config_path=CONFIG_PATH, config_name=config_name, version_base="1.3")
     def main(cfg: DictConfig) -> None:
         hydra_cfg = HydraConfig.get()
+        watch_parent()  # under torchrun: stop when the launcher is gone
         # Inside the job too: Hydra would add a line of its own to an error leaving the job.
         run_cli(lambda: task(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task)))
 

@@ -203,6 +203,24 @@ def test_corrupt_image_read_by_rank_1_is_one_line_naming_it(tmp_path, data_root)
     assert proc.returncode == 1  # torchrun's own status for any failed launch
 
 
+# -- a killed launcher --------------------------------------------------------------------------
+def test_ranks_stop_when_torchrun_is_killed(tmp_path, data_root):
+    run_dir = tmp_path / "r"
+    launch = Launch(TINY + ["train.iters=400", "train.val_every=1000", "train.ckpt_every=1000",
+                            f"hydra.run.dir={run_dir}"], data_root, tmp_path, nproc=2)
+    launch.wait_for_iteration(run_dir, 2)
+    ranks = children(launch.proc.pid)
+    assert len(ranks) == 2
+    launch.proc.kill()
+    launch.wait()
+    killed = time.time()
+    while any(alive(pid) for pid in ranks) and time.time() - killed < 30:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in ranks), "ranks still alive 30 s after the launcher was killed"
+    # They stopped cleanly: after a whole step, with last.pt written (it is not due before 1000).
+    assert 2 <= iteration(run_dir / "last.pt") < 400 and not list(run_dir.glob(".*.tmp"))
+
+
 # -- records ------------------------------------------------------------------------------------
 def test_metrics_reader_drops_only_a_cut_last_line(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"

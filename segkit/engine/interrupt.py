@@ -8,6 +8,9 @@
   ``last.pt``, ``best.pt`` and ``config.yaml`` is atomic and ``metrics.jsonl`` takes whole lines. A
   signal after a SIGTERM or a SLURM signal is ignored: the scheduler will kill the process at its
   own deadline, and an earlier exit would only lose the checkpoint being written.
+* :func:`watch_parent` stops a torchrun rank whose launcher died (it would otherwise train on,
+  unsupervised): a watchdog thread polls the parent pid, sends the process SIGTERM (the path above)
+  and, should that not end it within :data:`ORPHAN_GRACE_S` seconds, exits at once.
 * :func:`resume_command` is the command that continues an interrupted run.
 
 This module uses the standard library only.
@@ -21,10 +24,17 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+#: Seconds a rank whose launcher died has to stop by itself before it exits at once.
+ORPHAN_GRACE_S = 20.0
+#: How often the watchdog looks at the parent pid.
+ORPHAN_POLL_S = 0.5
+
 
 def exit_status(signum: int) -> int:
     """The shell's convention for "ended by signal ``signum``": 130 for SIGINT, 143 for SIGTERM."""
@@ -156,6 +166,37 @@ class StopSignals:
         except Exception as e:  # noqa: BLE001 - submitit says why it did not requeue
             return f"the SLURM job is not requeued ({e})"
         return None
+
+
+def watch_parent(rank: int | None = None) -> threading.Thread | None:
+    """Under torchrun, start a daemon thread that stops this process when its launcher dies.
+
+    The launcher starts every rank in a session of its own, so nothing else would tell the rank:
+    it would train on, unsupervised. The thread polls the parent pid (portable, and unlike
+    ``PR_SET_PDEATHSIG`` not tied to the thread that spawned the process), then sends this process
+    SIGTERM: a training loop stops after the current step and writes ``last.pt``; elsewhere the
+    process ends as SIGTERM ends it. Should it still run after :data:`ORPHAN_GRACE_S`, it exits at once.
+    """
+    _launcher_prefix()  # read the launcher's command line while it is there, for resume_command
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None  # a plain process: a closed terminal or nohup must not stop it
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_POLL_S)
+        if rank == 0:
+            _say(f"warning: the launcher (pid {parent}) is gone: stopping every rank")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(ORPHAN_GRACE_S)
+        _say(f"error: [rank {rank}] the launcher is gone and this rank did not stop within "
+             f"{ORPHAN_GRACE_S:.0f} s: exiting now (checkpoints on disk are whole: writes are atomic)")
+        os._exit(exit_status(signal.SIGTERM))
+
+    thread = threading.Thread(target=watch, name="segkit-parent-watchdog", daemon=True)
+    thread.start()
+    return thread
 
 
 # -- the command that continues a run ---------------------------------------------------------
