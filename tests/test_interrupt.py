@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from segkit.engine.interrupt import StopSignals, resume_command
+from segkit.engine.resources import explain
 from segkit.engine.run_dir import read_metrics
 from segkit.errors import ConfigError
 from segkit.files import append_line
@@ -233,6 +234,67 @@ def test_metrics_reader_drops_only_a_cut_last_line(tmp_path, capsys):
     path.write_text('{"iter": 1}\n{"iter": 2, "lo\n{"iter": 3}\n')
     with pytest.raises(ConfigError, match="line 2: not a metrics record"):
         read_metrics(path)
+
+
+# -- resources ----------------------------------------------------------------------------------
+def _job(tmp_path):
+    from config_helpers import train_settings
+    return train_settings("dataset=demo", "train.workers=4", "train.batch_size=16", "dataset.crop_size=64")
+
+
+def test_resource_failures_name_the_cause_the_settings_and_the_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train_seg.py", "dataset=demo"])
+    job, run_dir = _job(tmp_path), tmp_path / "r"
+    killed = explain(RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. "), job, run_dir, 1000)
+    assert "DataLoader worker (pid 4242) was killed by signal: Killed" in killed and "out-of-memory killer" in killed
+    for setting in ("train.workers (now 4)", "train.batch_size (now 16)", "dataset.crop_size (now 64)", "train.amp=bf16"):
+        assert setting in killed
+    assert "last.pt is intact at iteration 1000; continue with: " in killed and "resume=true" in killed
+    gone = explain(RuntimeError("DataLoader worker (pid(s) 11, 12) exited unexpectedly"), job, run_dir, None)
+    assert "(pid 11, 12) exited unexpectedly" in gone and "no last.pt was written yet" in gone
+    bus = explain(RuntimeError("DataLoader worker (pid 7) is killed by signal: Bus error. "), job, run_dir, 5)
+    assert "/dev/shm" in bus
+    for oom in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), MemoryError(),
+                RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                             "you tried to allocate 123 bytes. Error code 12 (Cannot allocate memory)")):
+        message = explain(oom, job, run_dir, 20)
+        assert message.startswith("out of memory") and "train.batch_size (now 16)" in message, message
+        assert "train.amp=bf16 (now fp32)" in message and "iteration 20" in message
+    assert explain(RuntimeError("shape mismatch"), job, run_dir, 3) is None
+    assert explain(ValueError("out of memory"), job, run_dir, 3) is None
+
+
+def test_killed_dataloader_worker_ends_with_the_cause(tmp_path, data_root):
+    # train_seg.py with a dataset whose worker is killed (as by the OOM killer) after 3 batches.
+    script = tmp_path / "train_killed_worker.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, sys
+        import torch.utils.data
+        from segkit.engine import sampler
+        from segkit.cli import train_main
+
+        served = 0
+        getitem = sampler.SeededSamples.__getitem__
+
+        def dying(self, key):
+            global served
+            served += 1
+            if torch.utils.data.get_worker_info() is not None and served > 12:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return getitem(self, key)
+
+        sampler.SeededSamples.__getitem__ = dying
+        train_main()
+    """))
+    run_dir = tmp_path / "r"
+    proc = subprocess.run([sys.executable, str(script), *TINY, "train.workers=1", "train.iters=50", "train.ckpt_every=1",
+                           "train.val_every=100", f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env(data_root),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "was killed by signal: Killed, most likely by the out-of-memory killer" in line and "train.workers (now 1)" in line
+    assert f"last.pt is intact at iteration {iteration(run_dir / 'last.pt')}; continue with: " in line
 
 
 # -- the pieces -----------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from segkit.config import TrainJob, as_dict, check_world_size
 from segkit.data import build_dataset, train_transform
 from segkit.data.base import SegmentationDataset
 from segkit.distributed import Env, all_reduce, setup_distributed
+from segkit.engine import resources
 from segkit.engine.inference import AUTOCAST_DTYPES, evaluate
 from segkit.engine.interrupt import Interrupted, StopSignals
 from segkit.engine.optim import build_optimizer, build_scheduler
@@ -42,6 +43,10 @@ from segkit.models.segmentor import Segmentor, build_segmentor
 
 class TrainingDiverged(SegkitError):
     """The loss became NaN or infinite."""
+
+
+class OutOfResources(SegkitError):
+    """Memory ran out (an out-of-memory error, or a DataLoader worker killed by a signal)."""
 
 
 def resolve_resume(resume: Any, run_dir: Path) -> Path | None:
@@ -285,9 +290,7 @@ class Trainer:
         return Interrupted(self.stop.signum, iteration, self.parts.total_iters, self.run_dir / "last.pt", note)
 
     def _on_disk(self) -> str:
-        if self.last_saved is None:
-            return "no last.pt was written yet"
-        return f"last.pt is intact at iteration {self.last_saved}"
+        return resources.checkpoint_state(self.run_dir, self.last_saved, self.job.train.ckpt_every)
 
     def fit(self) -> dict[str, Any]:
         self._open_run_dir()
@@ -296,6 +299,11 @@ class Trainer:
         try:
             with self.stop:
                 return self._fit()
+        except Exception as e:
+            message = resources.explain(e, self.job, self.run_dir, self.last_saved)
+            if message is None:
+                raise
+            raise OutOfResources(message) from e
         finally:
             if self.records is not None:
                 self.records.close()
