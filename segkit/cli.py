@@ -7,10 +7,13 @@ config directory joins them with ``--config-dir DIR`` or ``hydra.searchpath=[fil
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
+import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -20,7 +23,8 @@ from typing import NoReturn, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from segkit import distributed
+from segkit import distributed, reporting
+from segkit.engine.interrupt import Interrupted, exit_status, watch_parent
 from segkit.errors import SegkitError
 
 T = TypeVar("T")
@@ -117,22 +121,93 @@ def describe_error(e: BaseException) -> str | None:
     return None
 
 
+def _print_error(line: str) -> None:
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:  # stderr is gone (the launcher was killed): the exit status still tells
+        pass
+
+
+def _exit(status: int) -> NoReturn:
+    """End the process with ``status``. A rank of a process group ends at once, output flushed:
+    Python's shutdown with torch loaded takes a second or more, and torchrun's SIGTERM to the other
+    ranks, arriving then, would make their status "killed by SIGTERM"."""
+    if distributed.get_world_size() > 1:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 def fail(message: str) -> NoReturn:
-    if distributed.is_main_process():
-        print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    """End the command with ``error: message`` and exit status 2.
+
+    In a process group, the failing rank prints, naming itself; a rank that fails with the message
+    another rank already gave stays quiet. Before the group exists (settings, Hydra), every rank
+    fails alike and rank 0 alone prints."""
+    if distributed.get_world_size() > 1:
+        _exit_2_on_sigterm()
+        line = f"error: [rank {distributed.get_rank()}] {message}"
+        if reporting.claim(message):
+            _print_error(line)
+            reporting.write_error_file(line)
+    else:
+        line = f"error: {message}"
+        if distributed.is_main_process():
+            _print_error(line)
+        reporting.write_error_file(line)
+    _exit(2)
+
+
+def _lost_peer() -> NoReturn:
+    """A collective failed because another rank is gone: quiet when that rank has said why."""
+    _exit_2_on_sigterm()
+    first = reporting.first_failure()
+    if first is not None:
+        if first[0] >= 0:  # torchrun's summary lists this rank too: say why it stopped
+            reporting.write_error_file(f"[rank {distributed.get_rank()}] stopped because rank {first[0]} "
+                                       f"failed: {first[1]}")
+        _exit(2)
+    fail("lost contact with another rank during a collective: it ended without a message (killed by "
+         "a signal, e.g. by the out-of-memory killer?); see the launcher's report of its exit")
+
+
+def _exit_2_on_sigterm() -> None:
+    """Once one rank fails, torchrun stops the others with SIGTERM: let them end with status 2 too."""
+    def exit_2(signum: int, frame: object) -> None:
+        _exit(2)
+
+    try:
+        signal.signal(signal.SIGTERM, exit_2)
+    except ValueError:  # not the main thread
+        pass
 
 
 def run_cli(fn: Callable[[], T]) -> T:
-    """Run ``fn``; an expected error ends the command with its message (printed by rank 0) and exit
-    status 2; anything else keeps its traceback."""
+    """Run ``fn``; an expected error ends the command with its message (one line, see :func:`fail`)
+    and exit status 2; a training run stopped by a signal ends with its one line and 128 + the
+    signal number; anything else keeps its traceback."""
     try:
         return fn()
+    except Interrupted as e:
+        if distributed.is_main_process():
+            _print_error(str(e))
+        sys.exit(e.exit_status)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop: nothing half-done is kept
+        if distributed.is_main_process():
+            _print_error("interrupted (SIGINT)")
+        sys.exit(exit_status(signal.SIGINT))
     except Exception as e:  # noqa: BLE001 - sorted into expected and unexpected right here
         message = describe_error(e)
-        if message is None:
-            raise
-        fail(message)
+        if message is not None:
+            fail(message)
+        if reporting.is_lost_peer(e):
+            _lost_peer()
+        if distributed.get_world_size() > 1 and reporting.claim(f"{type(e).__name__}: {e}"):
+            reporting.write_error_file(f"[rank {distributed.get_rank()}] {type(e).__name__}: {e}", with_traceback=True)
+        raise
 
 
 def hydra_command(config_name: str, task: Callable[[DictConfig, Path, list[str]], None]) -> None:
@@ -148,6 +223,7 @@ def hydra_command(config_name: str, task: Callable[[DictConfig, Path, list[str]]
     @hydra.main(config_path=CONFIG_PATH, config_name=config_name, version_base="1.3")
     def main(cfg: DictConfig) -> None:
         hydra_cfg = HydraConfig.get()
+        watch_parent()  # under torchrun: stop when the launcher is gone
         # Inside the job too: Hydra would add a line of its own to an error leaving the job.
         run_cli(lambda: task(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task)))
 

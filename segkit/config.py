@@ -25,7 +25,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from segkit.data import DATASETS
 from segkit.data.preprocess import Preprocess
+from segkit.models.norm import NORM_LAYERS
+from segkit.models.resnest import BACKBONES
 from segkit.errors import ConfigError
 
 AMP_CHOICES = ("bf16", "fp16")
@@ -45,9 +48,8 @@ def setting(default: Any = MISSING, *, ge: float | None = None, gt: float | None
     typed ``Any``).
     """
     rules = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices, length=length,
-                                   nonempty=nonempty, each=each, ascending=ascending, numbers=numbers).items() if v}
-    if ge == 0 or gt == 0 or le == 0 or lt == 0:  # 0 is a bound too, not "no bound"
-        rules.update({k: 0 for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v == 0})
+                                   nonempty=nonempty, each=each, ascending=ascending, numbers=numbers).items()
+             if v is not None and v is not False}
     metadata = {"rules": rules, "doc": doc}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
@@ -57,7 +59,7 @@ def setting(default: Any = MISSING, *, ge: float | None = None, gt: float | None
 # -- schemas -----------------------------------------------------------------------------------
 @dataclass
 class DatasetSettings:
-    name: str = setting(choices=("ade20k", "cityscapes", "pascal_context", "demo", "folder"))
+    name: str = setting(choices=tuple(DATASETS))
     root: str = setting(nonempty=True)
     num_classes: Optional[int] = setting(None, ge=1, le=255, doc="null: from the data (folder datasets)")
     base_size: int = setting(ge=1)
@@ -100,12 +102,10 @@ class FolderDatasetSettings(DatasetSettings):
 
 @dataclass
 class BackboneSettings:
-    name: str = setting(choices=("resnest14", "resnest26", "resnest50", "resnest101", "resnest200", "resnest269",
-                                 "resnest50_fast_1s1x64d", "resnest50_fast_2s1x64d", "resnest50_fast_4s1x64d",
-                                 "resnest50_fast_2s2x40d", "resnet50d", "resnet101d"))
+    name: str = setting(choices=tuple(BACKBONES))
     pretrained: Optional[str] = setting(None, doc="null | imagenet | a local file | an http(s) URL")
     output_stride: int = setting(8, choices=(8, 16))
-    norm: str = setting("bn", choices=("bn", "frozen_bn", "gn"))
+    norm: str = setting("bn", choices=tuple(NORM_LAYERS))
     zero_init_last: bool = False
 
 

@@ -8,6 +8,7 @@ previous version; the temporary file is removed when the write fails.
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import zipfile
@@ -48,6 +49,24 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append ``line`` and a newline to ``path`` in one ``write`` on an ``O_APPEND`` descriptor.
+
+    A process killed during the append leaves the file without the line or with all of it; the
+    rarer short write (a full disk) is taken back before the error is raised, so no half line is
+    ever followed by another record. (A crash of the machine can still cut the last line short:
+    readers drop such a line.)"""
+    data = (line.rstrip("\n") + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, data)
+        if written != len(data):
+            os.ftruncate(fd, os.fstat(fd).st_size - written)
+            raise OSError(errno.ENOSPC, f"only {written} of {len(data)} bytes could be appended", str(path))
+    finally:
+        os.close(fd)
 
 
 def remove_stale_temporaries(directory: Path, names: Iterable[str]) -> list[Path]:

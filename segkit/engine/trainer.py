@@ -31,7 +31,9 @@ from segkit.config import TrainJob, as_dict, check_world_size
 from segkit.data import build_dataset, train_transform
 from segkit.data.base import SegmentationDataset
 from segkit.distributed import Env, all_reduce, setup_distributed
+from segkit.engine import resources
 from segkit.engine.inference import AUTOCAST_DTYPES, evaluate
+from segkit.engine.interrupt import Interrupted, StopSignals
 from segkit.engine.optim import build_optimizer, build_scheduler
 from segkit.engine.run_dir import RunLock, RunRecords, take_run_dir
 from segkit.engine.sampler import IterationBatchSampler, SeededSamples
@@ -43,6 +45,10 @@ from segkit.models.segmentor import Segmentor, build_segmentor
 
 class TrainingDiverged(SegkitError):
     """The loss became NaN or infinite."""
+
+
+class OutOfResources(SegkitError):
+    """Memory ran out (an out-of-memory error, or a DataLoader worker killed by a signal)."""
 
 
 def resolve_resume(resume: Any, run_dir: Path) -> Path | None:
@@ -190,6 +196,10 @@ class Trainer:
         self.is_main = distributed.is_main_process()
         self.lock: RunLock | None = None
         self.records: RunRecords | None = None
+        self.stop = StopSignals()
+        # The iteration run_dir/last.pt holds, for the messages that send the user back to it.
+        resumed_from = resolve_resume(self.job.resume, self.run_dir)
+        self.last_saved = parts.start_iter if resumed_from == self.run_dir / "last.pt" else None
 
     def _open_run_dir(self) -> None:
         """Rank 0 takes the directory; every rank learns whether it could."""
@@ -223,6 +233,7 @@ class Trainer:
                 _unwrap(self.model).state_dict(), iteration, self.config, optimizer=p.optimizer.state_dict(),
                 scheduler=p.scheduler.state_dict(), scaler=p.scaler.state_dict(), best_miou=p.best_miou, rng=rng),
                 self.run_dir / "last.pt")
+        self.last_saved = iteration
 
     def log(self, record: dict[str, Any]) -> None:
         if self.records is not None:
@@ -276,10 +287,38 @@ class Trainer:
             f"(iteration {iteration}) is saved in {self.run_dir / 'last.pt'}; lower optim.base_lr "
             f"(or use train.amp=bf16 instead of fp16) and continue with resume={self.run_dir / 'last.pt'}")
 
+    # -- stopping ------------------------------------------------------------------------------
+    def _stop_flag(self) -> torch.Tensor:
+        return torch.full((), float(self.stop.requested), device=self.env.device)
+
+    def _agree_to_stop(self) -> bool:
+        """Whether any rank was asked to stop (a collective: every rank calls it at the same point)."""
+        return all_reduce(self._stop_flag()).item() > 0
+
+    def _interrupted(self, iteration: int, saved: bool) -> Interrupted:
+        """Every rank stops after ``iteration``: write last.pt (unless just written), then wait for
+        rank 0 to finish it, so that no rank's exit makes the launcher stop the others mid-write."""
+        if not saved:
+            self.save(iteration)
+        distributed.barrier()
+        note = self.stop.chain()  # SLURM: requeue now that last.pt is written
+        return Interrupted(self.stop.signum, iteration, self.parts.total_iters, self.run_dir / "last.pt", note)
+
+    def _on_disk(self) -> str:
+        return resources.checkpoint_state(self.run_dir, self.last_saved, self.job.train.ckpt_every)
+
     def fit(self) -> dict[str, Any]:
         self._open_run_dir()
+        self.stop = StopSignals(announce=self.is_main, forced=self._on_disk,
+                                failed_status=2 if self.env.world_size > 1 else None)
         try:
-            return self._fit()
+            with self.stop:
+                return self._fit()
+        except Exception as e:
+            message = resources.explain(e, self.job, self.run_dir, self.last_saved)
+            if message is None:
+                raise
+            raise OutOfResources(message) from e
         finally:
             if self.records is not None:
                 self.records.close()
@@ -313,8 +352,10 @@ class Trainer:
                 total += loss.detach() / t.accum_steps
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + v / t.accum_steps
-            # Every rank must agree to stop, or the others would hang in the next collective.
-            mean_loss = all_reduce(total, average=True).item()
+            # Every rank must agree to stop, or the others would hang in the next collective: one
+            # all_reduce carries the loss and whether any rank was asked to stop (a signal).
+            mean_loss, stop_votes = all_reduce(torch.stack([total, self._stop_flag()]), average=True).tolist()
+            stop = stop_votes > 0
             if not math.isfinite(mean_loss):
                 bar.close()
                 raise self._diverged(it, mean_loss, good_buffers)
@@ -334,8 +375,12 @@ class Trainer:
                 window_start, window_images = time.perf_counter(), 0
             if it % val_every == 0 or it == p.total_iters:
                 summary = self.validate(it)
+                stop = stop or self._agree_to_stop()  # a signal during validation: stop now, not a step later
             if it % t.ckpt_every == 0 or it == p.total_iters:
                 self.save(it)
+            if stop and it < p.total_iters:
+                bar.close()
+                raise self._interrupted(it, saved=it % t.ckpt_every == 0)
         bar.close()
         result = {"iter": it, "best_mIoU": p.best_miou, **{f"val_{k}": v for k, v in summary.items()}}
         self.log({"split": "final", **result})
