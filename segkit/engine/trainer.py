@@ -29,6 +29,7 @@ from segkit import checkpoint, distributed
 from segkit.config import TrainJob, as_dict, check_world_size
 from segkit.data import build_dataset, train_transform
 from segkit.data.base import SegmentationDataset
+from segkit.data.label_space import LabelSpace
 from segkit.distributed import Env, all_reduce, setup_distributed
 from segkit.engine.inference import AUTOCAST_DTYPES, evaluate
 from segkit.engine.optim import build_optimizer, build_scheduler
@@ -218,7 +219,8 @@ class Trainer:
             p = self.parts
             checkpoint.save(checkpoint.training_record(
                 _unwrap(self.model).state_dict(), iteration, self.config, optimizer=p.optimizer.state_dict(),
-                scheduler=p.scheduler.state_dict(), scaler=p.scaler.state_dict(), best_miou=p.best_miou, rng=rng),
+                scheduler=p.scheduler.state_dict(), scaler=p.scaler.state_dict(), best_miou=p.best_miou, rng=rng,
+                label_space=LabelSpace.from_dataset(p.val_set, self.job.dataset)),
                 self.run_dir / "last.pt")
 
     def log(self, record: dict[str, Any]) -> None:
@@ -237,7 +239,9 @@ class Trainer:
             self.parts.best_miou = metrics["mIoU"]
             if self.is_main:
                 checkpoint.save(checkpoint.model_record(_unwrap(self.model).state_dict(), iteration, self.config,
-                                                        summary), self.run_dir / "best.pt")
+                                                        summary, label_space=LabelSpace.from_dataset(
+                                                            self.parts.val_set, self.job.dataset)),
+                                self.run_dir / "best.pt")
         return summary
 
     # -- the loop ------------------------------------------------------------------------------
