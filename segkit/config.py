@@ -267,7 +267,8 @@ DATASET_SCHEMAS: dict[str, type[DatasetSettings]] = {"demo": DemoDatasetSettings
 
 def register_schemas() -> None:
     """Store the schemas in Hydra's ConfigStore (``conf/train.yaml``, ``conf/eval.yaml`` and
-    ``conf/export_model.yaml`` start from ``train_schema`` / ``eval_schema`` / ``export_model_schema``; ``conf/dataset/demo.yaml`` and ``folder.yaml`` from ``schema/<name>_dataset``)."""
+    ``conf/export_model.yaml`` start from ``train_schema`` / ``eval_schema`` / ``export_model_schema``;
+    ``conf/dataset/demo.yaml`` and ``folder.yaml`` from ``schema/<name>_dataset``)."""
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainJob)
     store.store(name="eval_schema", node=EvalJob)
