@@ -118,6 +118,7 @@ def export_graph(fmt: str, graph: DeployModel, path: Path) -> None:
     """Write ``graph`` (see :func:`deploy_model`) to ``path`` as ``fmt`` (a key of :data:`GRAPH_FILES`),
     with dynamic batch, height and width."""
     batch, height, width = example_size(graph.output_stride)
+    # Only the example's shape and dtype matter, not its values (nor hence the normalisation).
     example = graph_input(random_images(batch, height, width), Preprocess(), graph.normalize_inside)
     with torch.no_grad():
         if fmt == "onnx":
