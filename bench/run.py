@@ -8,6 +8,7 @@ shared machine hits both sides alike. Examples:
 
     python bench/run.py --device cpu --backbone resnest50 --size 256 --batch 2
     python bench/run.py --device cuda --backbone resnest101 --size 512 --batch 8 --amp bf16 --channels-last
+    python bench/run.py --predictor-only        # segkit.Predictor vs the evaluator, single image 512x683
 """
 from __future__ import annotations
 
@@ -228,6 +229,49 @@ def measure_inference(seg: nn.Module, peer: nn.Module, args: argparse.Namespace)
     return results
 
 
+class _OneImage:
+    """One unlabelled image in segkit's dataset contract, for :func:`evaluate`."""
+
+    def __init__(self, image, num_classes: int) -> None:
+        self.image, self.num_classes, self.ignore_index = image, num_classes, 255
+
+    def __len__(self) -> int:
+        return 1
+
+    def load(self, index: int):
+        return self.image, None
+
+
+def measure_predictor(seg: nn.Module, args: argparse.Namespace) -> dict:
+    """Seconds per image at a single scale: ``segkit.Predictor.predict`` on an H x W x 3 uint8 array
+    vs the evaluator's path (:func:`evaluate` on a one-image dataset, as eval_seg.py runs it); the
+    same prepared model (BatchNorm folded, channels_last)."""
+    from segkit.data.base import bit_palette
+    from segkit.data.label_space import LabelSpace
+    from segkit.engine.inference import evaluate
+    from segkit.predictor import Predictor
+
+    h, w = args.infer_size
+    image = torch.randint(0, 256, (h, w, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8).numpy()
+    space = LabelSpace("bench", tuple(f"class{i}" for i in range(args.classes)),
+                       tuple(map(tuple, bit_palette(args.classes).tolist())), tuple(range(args.classes)), 255,
+                       (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), args.base, args.crop, None)
+    model = prepare_model(copy.deepcopy(seg).eval(), args.device)
+    predictor = Predictor(model, space, device=args.device, output_stride=args.output_stride, autocast=args.amp)
+    fns = {"predictor": lambda: predictor.predict(image),
+           "evaluator": lambda: evaluate(model, _OneImage(image, args.classes), preprocess=space.preprocess,
+                                         pad_multiple=args.output_stride, autocast=args.amp, device=args.device,
+                                         num_workers=0, progress=False)}
+    t = interleave(fns, args.rounds, 1, args.device)
+    return {s: statistics.median(v) for s, v in t.items()}
+
+
+def predictor_row(results: dict) -> str:
+    t = results["predictor_single_s_per_img"]
+    return (f"{'Predictor single image s: predictor vs evaluator':48s} {t['predictor']:10.3f} {t['evaluator']:10.3f} "
+            f"{t['predictor'] / t['evaluator']:8.3f}")
+
+
 def run(args: argparse.Namespace) -> dict:
     results: dict = {}
     models = {s: build(s, args) for s in STACKS}
@@ -237,6 +281,7 @@ def run(args: argparse.Namespace) -> dict:
     results["train_img_per_s"] = {s: args.batch / v for s, v in results["train_step_s_median"].items()}
 
     results.update(measure_inference(models["segkit"], models["peer"], args))
+    results["predictor_single_s_per_img"] = measure_predictor(models["segkit"], args)
 
     results["gflops_per_image"] = {s: {"forward": flops_per_image(m, args, False) / 1e9,
                                        "train_step": flops_per_image(m, args, True) / 1e9}
@@ -267,6 +312,7 @@ def table(results: dict) -> str:
              row("  segkit plain (NCHW, BN not folded) vs peer", "infer_single_img_per_s", "segkit_plain", "peer")]
     if "segkit_compiled" in single:
         lines.append(row("  segkit eval.compile=true vs peer", "infer_single_img_per_s", "segkit_compiled", "peer"))
+    lines.append(predictor_row(results))
     lines += [row("multi-scale + flip s/image: segkit vs naive", "infer_msflip_s_per_img", "segkit", "naive"),
               row("  segkit vs naive loop in channels_last", "infer_msflip_s_per_img", "segkit", "naive_cl")]
     if "segkit_compiled" in ms:
@@ -327,6 +373,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--loader-batches", type=int, default=10)
     p.add_argument("--out", type=Path, help="JSON file (default: bench/results/<device>-<backbone>-<time>.json)")
+    p.add_argument("--predictor-only", action="store_true",
+                   help="measure only segkit.Predictor against the evaluator's single-scale path")
     p.add_argument("--peak-rss-child", choices=STACKS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -340,6 +388,10 @@ def main() -> None:
         # VmHWM belongs to this address space; ru_maxrss would carry the parent's peak across exec.
         hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
         print(hwm_kb / 1024)
+        return
+    if args.predictor_only:
+        results = {"predictor_single_s_per_img": measure_predictor(build("segkit", args), args)}
+        print(predictor_row(results))
         return
     import segmentation_models_pytorch as smp
     import timm

@@ -3,37 +3,44 @@
 A segkit checkpoint is a dict saved with ``torch.save`` and read with ``weights_only=True``:
 
 * ``model``: the state dict (plain BatchNorm keys, loads on CPU), ``iteration``, ``config`` (the
-  run's settings as plain containers; they rebuild the model and name its dataset) and
-  ``segkit_version`` in every file;
+  run's settings as plain containers; they rebuild the model and name its dataset), ``label_space``
+  (:meth:`LabelSpace.to_dict`: classes, palette, submission format, preprocessing; older files lack
+  it) and ``segkit_version`` in every file;
 * ``metrics`` in ``best.pt``: the validation summary it was chosen by;
 * in ``last.pt`` also the training state: ``optimizer``, ``scheduler``, ``scaler``, ``best_miou``
   and ``rng`` (every rank's RNG states), which make a resumed run continue exactly.
 
-Evaluation also reads PyTorch-Encoding's DeepLabV3 state dicts and bare state dicts.
+Evaluation also reads PyTorch-Encoding's DeepLabV3 state dicts (also their ``checkpoint.pth.tar``
+training files), bare state dicts and release directories (:mod:`segkit.release`).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from segkit import __version__
-from segkit.errors import CheckpointError
+from segkit.data.label_space import LabelSpace
+from segkit.errors import CheckpointError, DataError
 from segkit.files import load_file, save_atomic
 from segkit.models.convert import convert_encoding_state_dict, is_encoding_state_dict
 from segkit.models.pretrained import load_into, unwrap_state_dict
+
+if TYPE_CHECKING:
+    from segkit.config import DatasetSettings
 
 TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "best_miou", "rng")
 
 
 def model_record(state: Mapping[str, torch.Tensor], iteration: int, config: Mapping[str, Any],
-                 metrics: Mapping[str, float] | None = None) -> dict[str, Any]:
+                 metrics: Mapping[str, float] | None = None, *, label_space: LabelSpace) -> dict[str, Any]:
     """What every checkpoint holds (``best.pt`` adds the ``metrics`` it was chosen by)."""
-    record = {"model": dict(state), "iteration": iteration, "config": dict(config), "segkit_version": __version__}
+    record = {"model": dict(state), "iteration": iteration, "config": dict(config),
+              "label_space": label_space.to_dict(), "segkit_version": __version__}
     if metrics is not None:
         record["metrics"] = dict(metrics)
     return record
@@ -41,10 +48,10 @@ def model_record(state: Mapping[str, torch.Tensor], iteration: int, config: Mapp
 
 def training_record(state: Mapping[str, torch.Tensor], iteration: int, config: Mapping[str, Any], *,
                     optimizer: dict, scheduler: dict, scaler: dict, best_miou: float,
-                    rng: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+                    rng: list[dict[str, torch.Tensor]], label_space: LabelSpace) -> dict[str, Any]:
     """``last.pt``: the model record plus the state that resumes training exactly."""
-    return {**model_record(state, iteration, config), "optimizer": optimizer, "scheduler": scheduler,
-            "scaler": scaler, "best_miou": best_miou, "rng": rng}
+    return {**model_record(state, iteration, config, label_space=label_space), "optimizer": optimizer,
+            "scheduler": scheduler, "scaler": scaler, "best_miou": best_miou, "rng": rng}
 
 
 def save(record: Mapping[str, Any], path: Path) -> None:
@@ -62,21 +69,53 @@ def load_training(path: Path) -> dict[str, Any]:
 
 @dataclass
 class ModelCheckpoint:
-    """Weights to evaluate, and the settings they were trained with (None for a bare state dict)."""
+    """Weights to evaluate, and the settings they were trained with (None for a bare state dict),
+    the label space they predict in (None before checkpoints carried it), the training iteration and
+    the validation metrics recorded with them (None where the file has none)."""
 
     path: Path
     state: dict[str, torch.Tensor]
     config: dict[str, Any] | None
+    label_space: LabelSpace | None = None
+    iteration: int | None = None
+    metrics: dict[str, float] | None = None
+
+
+def read_label_space(data: Any, source: Path) -> LabelSpace:
+    """A saved label space (:meth:`LabelSpace.to_dict`), or CheckpointError naming ``source``."""
+    try:
+        return LabelSpace.from_dict(data)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: unusable label space ({e})") from None
 
 
 def load_model(path: Path) -> ModelCheckpoint:
-    """A segkit checkpoint, a PyTorch-Encoding DeepLabV3 state dict or a bare state dict."""
+    """A segkit checkpoint or release directory, a PyTorch-Encoding DeepLabV3 state dict or a bare
+    state dict."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        from segkit.release import read_release  # the release format builds on this module
+
+        return read_release(path)
     obj = load_file(path)
     if isinstance(obj, dict) and "model" in obj and "config" in obj:
-        return ModelCheckpoint(path, obj["model"], obj["config"])
+        space = read_label_space(obj["label_space"], path) if "label_space" in obj else None
+        return ModelCheckpoint(path, obj["model"], obj["config"], space, obj.get("iteration"), obj.get("metrics"))
     state = unwrap_state_dict(obj, str(path))
     return ModelCheckpoint(path, convert_encoding_state_dict(state) if is_encoding_state_dict(state) else state,
                            None)
+
+
+def label_space_of(ckpt: ModelCheckpoint, settings: DatasetSettings) -> LabelSpace:
+    """The label space ``ckpt`` carries, or for older checkpoints and bare state dicts the one
+    ``settings`` name (a built-in dataset's, or a folder dataset's classes.yaml if it still exists)."""
+    if ckpt.label_space is not None:
+        return ckpt.label_space
+    try:
+        return LabelSpace.from_settings(settings)
+    except DataError as e:
+        raise CheckpointError(f"{ckpt.path} does not record its classes (saved before checkpoints carried "
+                              f"them), and they cannot be read from the dataset either: {e}") from None
 
 
 def mismatch_hint(saved_config: Mapping[str, Any] | None, backbone: str, num_classes: int) -> str:

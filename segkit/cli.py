@@ -1,6 +1,6 @@
-"""The command-line entry points (``segkit-train``, ``segkit-eval``; ``train_seg.py`` and ``eval_seg.py``
-in a checkout) and what they share: one line and exit status 2 for every expected error, one run
-directory for all ranks.
+"""The command-line entry points (``segkit-train``, ``segkit-eval``, ``segkit-export``; ``train_seg.py``,
+``eval_seg.py`` and ``export_model.py`` in a checkout) and what they share: one line and exit status 2
+for every expected error, one run directory for all ranks.
 
 The configs ship in the package (``segkit.conf``, which is the checkout's ``conf/``); a user's own
 config directory joins them with ``--config-dir DIR`` or ``hydra.searchpath=[file://DIR]``.
@@ -250,6 +250,15 @@ def _eval(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
     run_evaluation(eval_job(cfg, ckpt.config, overrides), ckpt, run_dir)
 
 
+def _export(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
+    from segkit import checkpoint
+    from segkit.config import checkpoint_path, export_model_job
+    from segkit.engine.model_export import export_model
+
+    ckpt = checkpoint.load_model(checkpoint_path(cfg))
+    export_model(export_model_job(cfg, ckpt.config, overrides), ckpt)
+
+
 def train_main() -> None:
     """``segkit-train``: train a segmentor; the defaults are the paper's recipe."""
     hydra_command("train", _train)
@@ -258,3 +267,9 @@ def train_main() -> None:
 def eval_main() -> None:
     """``segkit-eval``: evaluate a checkpoint (multi-scale + flip by default) and export masks."""
     hydra_command("eval", _eval)
+
+
+def export_main() -> None:
+    """``segkit-export``: a checkpoint as a release (safetensors + config.json + model card) or as an
+    ONNX / TorchScript / ExportedProgram graph checked against PyTorch."""
+    hydra_command("export_model", _export)

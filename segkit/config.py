@@ -242,17 +242,50 @@ class EvalJob:
     predict: PredictSettings = field(default_factory=PredictSettings)
 
 
+#: ``format=`` choices of ``segkit-export`` (:mod:`segkit.release`, :mod:`segkit.deploy`).
+EXPORT_FORMATS = ("pretrained", "onnx", "torchscript", "exported_program")
+
+
+@dataclass
+class ExportModelJob:
+    """Everything ``segkit-export`` runs on: a checkpoint turned into a release or a deployable graph."""
+
+    checkpoint: str = setting(nonempty=True)
+    format: str = setting("pretrained", choices=EXPORT_FORMATS)
+    out: str = setting(nonempty=True, doc="the directory to write (refused when not empty unless overwrite)")
+    overwrite: bool = False
+    normalize_inside: bool = setting(False, doc="onnx/torchscript/exported_program: uint8 N x H x W x 3 "
+                                                "input, normalised inside the graph")
+    check_sizes: List[List[int]] = setting([[97, 131], [160, 121]], nonempty=True,
+                                           doc="H, W of the parity checks (other than the export's own)")
+    tolerance: float = setting(1e-4, gt=0, doc="largest accepted |logit difference| / max(1, |logit|)")
+    dataset: DatasetSettings = MISSING
+    backbone: BackboneSettings = MISSING
+    model: ModelSettings = MISSING
+
+
+@dataclass
+class SavedSettings:
+    """What a segkit checkpoint's config rebuilds: the network and its data settings."""
+
+    dataset: DatasetSettings = MISSING
+    backbone: BackboneSettings = MISSING
+    model: ModelSettings = MISSING
+
+
 #: A dataset whose settings extend :class:`DatasetSettings` (the others use it as is).
 DATASET_SCHEMAS: dict[str, type[DatasetSettings]] = {"demo": DemoDatasetSettings,
                                                       "folder": FolderDatasetSettings}
 
 
 def register_schemas() -> None:
-    """Store the schemas in Hydra's ConfigStore (``conf/train.yaml`` and ``conf/eval.yaml`` start
-    from ``train_schema`` / ``eval_schema``; ``conf/dataset/demo.yaml`` and ``folder.yaml`` from ``schema/<name>_dataset``)."""
+    """Store the schemas in Hydra's ConfigStore (``conf/train.yaml``, ``conf/eval.yaml`` and
+    ``conf/export_model.yaml`` start from ``train_schema`` / ``eval_schema`` / ``export_model_schema``;
+    ``conf/dataset/demo.yaml`` and ``folder.yaml`` from ``schema/<name>_dataset``)."""
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainJob)
     store.store(name="eval_schema", node=EvalJob)
+    store.store(name="export_model_schema", node=ExportModelJob)
     store.store(group="schema", name="demo_dataset", node=DemoDatasetSettings)
     store.store(group="schema", name="folder_dataset", node=FolderDatasetSettings)
 
@@ -434,33 +467,60 @@ def _saved_node(group: str, saved: Mapping[str, Any]) -> dict[str, Any]:
     return _known_keys(schema, saved)
 
 
-def eval_job(cfg: DictConfig, saved: Mapping[str, Any] | None, overrides: Sequence[str]) -> EvalJob:
-    """The typed, checked settings of an evaluation.
+def _with_saved(cfg: DictConfig, saved: Mapping[str, Any] | None, overrides: Sequence[str]) -> DictConfig:
+    """``cfg`` with the dataset, backbone and model nodes of ``saved`` (the config a segkit checkpoint
+    carries; None for a bare state dict) in place of the defaults, unless the command line picked
+    that group (``dataset=cityscapes``); keys set on the command line (``dataset.root=/data``) win
+    over both."""
+    if saved is None:
+        return cfg
+    picked = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    keys = [o.lstrip("+") for o in overrides if "." in o.split("=", 1)[0]
+            and o.lstrip("+").split(".", 1)[0] in CHECKPOINT_GROUPS]
+    # Untyped, so that the saved dataset node may be of another schema than the default's.
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    try:
+        for group in CHECKPOINT_GROUPS:
+            if isinstance(saved.get(group), Mapping) and group not in picked:
+                cfg[group] = _saved_node(group, saved[group])
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(keys))
+    except OmegaConfBaseException as e:
+        raise ConfigError(describe_omegaconf_error(e)) from None
 
-    ``saved`` is the config a segkit checkpoint carries (None for a bare state dict): its dataset,
-    backbone and model nodes replace the defaults, unless the command line picked that group
-    (``dataset=cityscapes``); keys set on the command line (``dataset.root=/data``) win over both.
-    """
-    if saved is not None:
-        picked = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
-        keys = [o.lstrip("+") for o in overrides if "." in o.split("=", 1)[0]
-                and o.lstrip("+").split(".", 1)[0] in CHECKPOINT_GROUPS]
-        # Untyped, so that the saved dataset node may be of another schema than the default's.
-        cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-        try:
-            for group in CHECKPOINT_GROUPS:
-                if isinstance(saved.get(group), Mapping) and group not in picked:
-                    cfg[group] = _saved_node(group, saved[group])
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(keys))
-        except OmegaConfBaseException as e:
-            raise ConfigError(describe_omegaconf_error(e)) from None
-    job = _to_object(cfg, EvalJob)
+
+def eval_job(cfg: DictConfig, saved: Mapping[str, Any] | None, overrides: Sequence[str]) -> EvalJob:
+    """The typed, checked settings of an evaluation (``saved``: see :func:`_with_saved`)."""
+    job = _to_object(_with_saved(cfg, saved, overrides), EvalJob)
     validate(job)
     check_max_batch(job.eval.max_batch)
     _check_dataset(job.dataset, job.backbone.output_stride)
     if job.predict.input is not None and job.export.dir is None:
         raise ConfigError("predict.input needs export.dir=DIR: predictions are only written as files")
     return job
+
+
+def export_model_job(cfg: DictConfig, saved: Mapping[str, Any] | None, overrides: Sequence[str]) -> ExportModelJob:
+    """The typed, checked settings of ``segkit-export`` (``saved``: see :func:`_with_saved`)."""
+    job = _to_object(_with_saved(cfg, saved, overrides), ExportModelJob)
+    validate(job)
+    _check_dataset(job.dataset, job.backbone.output_stride)
+    for size in job.check_sizes:
+        if len(size) != 2 or min(size) < 2 * job.backbone.output_stride:
+            raise ConfigError(f"check_sizes={job.check_sizes!r} is invalid: expected [height, width] pairs, "
+                              f"each >= {2 * job.backbone.output_stride}")
+    return job
+
+
+def saved_settings(saved: Mapping[str, Any]) -> SavedSettings:
+    """The typed, checked dataset, backbone and model settings of a segkit checkpoint's config
+    (ConfigError naming the key when one is missing or invalid)."""
+    missing = [g for g in CHECKPOINT_GROUPS if not isinstance(saved.get(g), Mapping)]
+    if missing:
+        raise ConfigError(f"the saved config has no {', '.join(missing)} settings")
+    nodes = {g: _saved_node(g, saved[g]) for g in CHECKPOINT_GROUPS}
+    settings = _to_object(OmegaConf.create(nodes), SavedSettings)
+    validate(settings)
+    return settings
 
 
 def as_dict(settings: Any) -> dict[str, Any]:

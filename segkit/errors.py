@@ -19,3 +19,7 @@ class DataError(SegkitError):
 
 class CheckpointError(SegkitError):
     """A checkpoint or weights file cannot be read or does not fit the model."""
+
+
+class ExportError(SegkitError):
+    """An exported model does not reproduce the original's outputs."""

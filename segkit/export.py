@@ -1,19 +1,21 @@
 """Write predicted masks to disk: benchmark submission PNGs plus pictures for people.
 
-For an image named ``<name>`` (which may contain '/') an exporter writes
+For an image named ``<name>`` (which may contain '/') :func:`write_masks` writes, per kind asked for,
 
-* ``labels/<name>.png``: the benchmark's submission format (``dataset.encode_prediction``:
-  ADE20K prediction + 1, Cityscapes labelIds), 8-bit greyscale;
+* ``labels/<name>.png``: the benchmark's submission format (``encode``: ADE20K prediction + 1,
+  Cityscapes labelIds), 8-bit greyscale;
 * ``color/<name>.png``: the prediction as a palette image with the dataset's colours;
-* ``overlay/<name>.png`` (``overlay=True``): the colours alpha-blended over the image;
-* ``compare/<name>.png`` (``side_by_side=True``): image | prediction | ground truth (ignored
-  pixels black), without the last panel for unlabelled images.
+* ``overlay/<name>.png``: the colours alpha-blended over the image;
+* ``compare/<name>.png``: image | prediction | ground truth (ignored pixels black), without the
+  last panel for unlabelled images.
 
-Every file is written under a temporary name and renamed into place, so an interrupted run never
-leaves a truncated PNG that a later evaluation would read.
+:class:`MaskExporter` (evaluation) and :meth:`segkit.predictor.Prediction.save` both write through
+it. Every file is written under a temporary name and renamed into place, so an interrupted run
+never leaves a truncated PNG that a later evaluation would read.
 """
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +24,9 @@ from PIL import Image
 
 from segkit import distributed
 from segkit.errors import ConfigError, DataError
+
+KINDS = ("labels", "color", "overlay", "compare")
+OVERLAY_ALPHA = 0.5
 
 
 class ExportDataset(Protocol):
@@ -33,72 +38,116 @@ class ExportDataset(Protocol):
 
 
 def full_palette(palette: np.ndarray) -> np.ndarray:
-    """The class colours as 256 entries, so that the ignore index (255) of a ground truth shows black."""
-    out = np.zeros((256, 3), np.uint8)
-    out[: len(palette)] = palette
-    return out
+    """``palette`` padded to 256 entries with black, so that the ignore index (255) shows black."""
+    full = np.zeros((256, 3), np.uint8)
+    full[: len(palette)] = palette
+    return full
 
 
-def comparison(image: np.ndarray, pred: np.ndarray, mask: np.ndarray | None, palette: np.ndarray) -> np.ndarray:
-    """image | prediction | ground truth (without the last panel when unlabelled), HxWx3 uint8;
-    ``palette`` from :func:`full_palette`."""
-    panels = [image, palette[pred.astype(np.uint8)]] + ([] if mask is None else [palette[mask]])
-    return np.concatenate(panels, axis=1)
+def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """H x W class ids (or 255 for ignore) -> H x W x 3 uint8 colours."""
+    return full_palette(palette)[np.asarray(labels).astype(np.uint8)]
 
 
-class MaskExporter:
-    """Per-image callback for :func:`segkit.engine.inference.evaluate` that writes predictions.
+def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """The class colours alpha-blended over ``image`` (H x W x 3 uint8)."""
+    blend = (1 - alpha) * image + alpha * colorize(labels, palette)
+    return blend.round().astype(np.uint8)
 
-    Refuses a non-empty ``out_dir`` unless ``overwrite`` (files are then replaced one by one, other
-    files left alone). Under torch.distributed construct it on every rank before evaluating: all
-    ranks check the directory before any of them writes into it.
-    """
 
-    def __init__(self, out_dir: str | os.PathLike, dataset: ExportDataset, overwrite: bool = False,
-                 overlay: bool = True, side_by_side: bool = False, alpha: float = 0.5) -> None:
-        self.out_dir = Path(out_dir)
-        self.dataset = dataset
-        self.overlay = overlay
-        self.side_by_side = side_by_side
-        self.alpha = alpha
-        if not overwrite and self.out_dir.is_dir() and any(self.out_dir.iterdir()):
-            raise ConfigError(f"export directory {self.out_dir} is not empty; choose another one "
-                              f"or pass export.overwrite=true to replace its masks")
-        distributed.barrier()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._palette = full_palette(dataset.palette)
-
-    def path(self, kind: str, name: str) -> Path:
-        """Where the ``kind`` ("labels", "color", "overlay", "compare") PNG of ``name`` goes."""
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise DataError(f"image name {name!r} would be written outside {self.out_dir}")
-        return self.out_dir / kind / f"{name}.png"
-
-    def _write(self, kind: str, name: str, image: Image.Image) -> None:
-        path = self.path(kind, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            image.save(tmp, format="PNG")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def __call__(self, index: int, image: np.ndarray, mask: np.ndarray | None,
-                 pred: np.ndarray) -> None:
-        name = self.dataset.name(index)
-        encoded = self.dataset.encode_prediction(pred)
+def render(kind: str, pred: np.ndarray, image: np.ndarray, palette: np.ndarray,
+           encode: Callable[[np.ndarray], np.ndarray], mask: np.ndarray | None = None,
+           alpha: float = OVERLAY_ALPHA) -> Image.Image:
+    """The ``kind`` picture (one of :data:`KINDS`) of prediction ``pred`` for ``image``."""
+    if kind == "labels":
+        encoded = encode(pred)
         if encoded.dtype != np.uint8 or encoded.shape != pred.shape:
             raise TypeError(f"encode_prediction must return a uint8 array of shape {pred.shape}, "
                             f"got {encoded.dtype} {encoded.shape}")
-        self._write("labels", name, Image.fromarray(encoded))
-        labels = pred.astype(np.uint8)
-        color = Image.fromarray(labels)
-        color.putpalette(self._palette.tobytes())
-        self._write("color", name, color)
-        pred_rgb = self._palette[labels]
-        if self.overlay:
-            blend = (1 - self.alpha) * image + self.alpha * pred_rgb
-            self._write("overlay", name, Image.fromarray(blend.round().astype(np.uint8)))
-        if self.side_by_side:
-            self._write("compare", name, Image.fromarray(comparison(image, labels, mask, self._palette)))
+        return Image.fromarray(encoded)
+    if kind == "color":
+        color = Image.fromarray(pred.astype(np.uint8))
+        color.putpalette(full_palette(palette).tobytes())
+        return color
+    if kind == "overlay":
+        return Image.fromarray(overlay(image, pred, palette, alpha))
+    if kind == "compare":
+        return Image.fromarray(comparison(image, pred, mask, palette))
+    raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
+
+
+def comparison(image: np.ndarray, pred: np.ndarray, mask: np.ndarray | None, palette: np.ndarray) -> np.ndarray:
+    """image | prediction | ground truth (without the last panel when unlabelled), H x 3W x 3 uint8."""
+    panels = [image, colorize(pred, palette)] + ([] if mask is None else [colorize(mask, palette)])
+    return np.concatenate(panels, axis=1)
+
+
+def mask_path(out_dir: Path, kind: str, name: str) -> Path:
+    """Where the ``kind`` PNG of the image ``name`` goes below ``out_dir``."""
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise DataError(f"image name {name!r} would be written outside {out_dir}")
+    return Path(out_dir) / kind / f"{name}.png"
+
+
+def write_png(path: Path, image: Image.Image) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_masks(out_dir: str | os.PathLike, name: str, kinds: Sequence[str], pred: np.ndarray, image: np.ndarray,
+                palette: np.ndarray, encode: Callable[[np.ndarray], np.ndarray], mask: np.ndarray | None = None,
+                alpha: float = OVERLAY_ALPHA) -> dict[str, Path]:
+    """Write the ``kinds`` PNGs of ``pred`` (H x W class ids) for ``image`` named ``name``; returns
+    their paths by kind. Existing files of that name are replaced."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ValueError(f"unknown kind(s) {', '.join(map(repr, unknown))}; choose from {', '.join(KINDS)}")
+    paths = {}
+    for kind in kinds:
+        paths[kind] = mask_path(Path(out_dir), kind, name)
+        write_png(paths[kind], render(kind, pred, image, palette, encode, mask, alpha))
+    return paths
+
+
+def export_kinds(overlay: bool = True, side_by_side: bool = False) -> tuple[str, ...]:
+    """The kinds an export writes: labels and colours, optionally overlays and comparisons."""
+    return ("labels", "color") + (("overlay",) if overlay else ()) + (("compare",) if side_by_side else ())
+
+
+def open_export_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """``out_dir``, created; a non-empty one is refused unless ``overwrite`` (files are then replaced
+    one by one, other files left alone). Under torch.distributed every rank must call it: all ranks
+    check the directory before any of them writes into it."""
+    out_dir = Path(out_dir)
+    if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise ConfigError(f"export directory {out_dir} is not empty; choose another one "
+                          f"or pass export.overwrite=true to replace its masks")
+    distributed.barrier()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+class MaskExporter:
+    """Per-image callback for :func:`segkit.engine.inference.evaluate` that writes predictions
+    (:func:`write_masks`) into ``out_dir`` (:func:`open_export_dir`: construct it on every rank)."""
+
+    def __init__(self, out_dir: str | os.PathLike, dataset: ExportDataset, overwrite: bool = False,
+                 overlay: bool = True, side_by_side: bool = False, alpha: float = OVERLAY_ALPHA) -> None:
+        self.out_dir = open_export_dir(out_dir, overwrite)
+        self.dataset = dataset
+        self.kinds = export_kinds(overlay, side_by_side)
+        self.alpha = alpha
+
+    def path(self, kind: str, name: str) -> Path:
+        """Where the ``kind`` ("labels", "color", "overlay", "compare") PNG of ``name`` goes."""
+        return mask_path(self.out_dir, kind, name)
+
+    def __call__(self, index: int, image: np.ndarray, mask: np.ndarray | None,
+                 pred: np.ndarray) -> None:
+        write_masks(self.out_dir, self.dataset.name(index), self.kinds, pred, image, self.dataset.palette,
+                    self.dataset.encode_prediction, mask, self.alpha)

@@ -4,18 +4,22 @@ Reads of PyTorch files use ``weights_only=True`` (no arbitrary code from a pickl
 every way a file can be unusable into a :class:`CheckpointError` naming it. Writes go to a
 temporary file in the same directory, are flushed to disk and renamed over the target, so a
 killed process or a full disk never leaves a truncated file behind and never damages the
-previous version; the temporary file is removed when the write fails.
+previous version; the temporary file is removed when the write fails. Directories of files are
+written the same way (:func:`write_dir_atomic`).
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import pickle
+import shutil
 import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import torch
 
 from segkit.errors import CheckpointError
@@ -69,6 +73,15 @@ def append_line(path: str | os.PathLike, line: str) -> None:
         os.close(fd)
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def remove_stale_temporaries(directory: Path, names: Iterable[str]) -> list[Path]:
     """Delete the temporaries a killed writer of ``names`` left in ``directory``; returns them."""
     stale = [temporary_name(directory / name) for name in names]
@@ -78,13 +91,50 @@ def remove_stale_temporaries(directory: Path, names: Iterable[str]) -> list[Path
     return stale
 
 
+def write_dir_atomic(path: str | os.PathLike, fill: Callable[[Path], None]) -> None:
+    """Call ``fill(tmp)`` on a new hidden sibling directory of ``path``, then put it in place of
+    ``path`` (an existing ``path`` is replaced): ``path`` is either complete or as it was, never
+    half written. The caller decides whether an existing ``path`` may be replaced."""
+    path = Path(path)
+    tmp, old = (path.with_name(f".{path.name}.{os.getpid()}.{kind}") for kind in ("tmp", "old"))
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _float64_dtype(*args: Any) -> np.dtype:
+    dtype = np.dtype(*args)
+    if dtype != np.float64:
+        raise pickle.UnpicklingError(f"numpy dtype {dtype} is not allowed here (only float64 scalars)")
+    return dtype
+
+
+_multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+#: What a pickled numpy float64 scalar needs, and nothing more: PyTorch-Encoding's training
+#: checkpoints (``checkpoint.pth.tar``) hold ``best_pred`` as one. Its reconstructor is named
+#: ``numpy.core...`` in files written under numpy 1 and ``numpy._core...`` under numpy 2; the dtype
+#: constructor accepts float64 only.
+NUMPY_FLOAT64_GLOBALS = [(_float64_dtype, "numpy.dtype"), type(np.dtype(np.float64)),
+                         (_multiarray.scalar, "numpy.core.multiarray.scalar"),
+                         (_multiarray.scalar, "numpy._core.multiarray.scalar")]
+
+
 def load_file(path: str | os.PathLike) -> Any:
-    """``torch.load`` a local file on CPU with ``weights_only=True``."""
+    """``torch.load`` a local file on CPU with ``weights_only=True`` (numpy float64 scalars allowed)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(NUMPY_FLOAT64_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as e:
         raise CheckpointError(f"{path}: not a usable PyTorch checkpoint ({_first_line(e)})") from e
 

@@ -2,7 +2,7 @@
 from hydra import compose, initialize_config_module
 
 from segkit.cli import register_resolvers
-from segkit.config import DatasetSettings, EvalJob, TrainJob, eval_job, train_job
+from segkit.config import DatasetSettings, EvalJob, ExportModelJob, TrainJob, eval_job, export_model_job, train_job
 
 
 def compose_cfg(config_name: str, *overrides: str):
@@ -17,6 +17,10 @@ def train_settings(*overrides: str) -> TrainJob:
 
 def eval_settings(*overrides: str, saved: dict | None = None) -> EvalJob:
     return eval_job(compose_cfg("eval", "checkpoint=x.pt", *overrides), saved, list(overrides))
+
+
+def export_settings(*overrides: str, saved: dict | None = None) -> ExportModelJob:
+    return export_model_job(compose_cfg("export_model", "checkpoint=x.pt", "out=o", *overrides), saved, list(overrides))
 
 
 def dataset_settings(name: str, *overrides: str) -> DatasetSettings:

@@ -5,9 +5,9 @@ import typing
 
 import pytest
 
-from config_helpers import compose_cfg, eval_settings, train_settings
+from config_helpers import compose_cfg, eval_settings, export_settings, train_settings
 from segkit.config import (DemoDatasetSettings, EvalJob, TrainJob, as_dict, check_world_size, eval_job,
-                           train_job)
+                           export_model_job, train_job)
 from segkit.errors import ConfigError
 
 
@@ -48,6 +48,10 @@ for job, base in ((train_settings(*TRAIN_BASE), "train"), (eval_settings(), "eva
     for key, f, typ in _leaves(job):
         for value in _bad_values(f.metadata.get("rules", {}), typ):
             ROWS.append((base, key, value))
+for key, f, typ in _leaves(export_settings()):
+    if not key.startswith(("dataset.", "backbone.", "model.")):  # the eval rows cover those groups
+        for value in _bad_values(f.metadata.get("rules", {}), typ):
+            ROWS.append(("export", key, value))
 
 
 def test_every_constrained_key_has_a_row():
@@ -65,6 +69,8 @@ def test_bad_value_names_key_and_value(config, key, value):
     with pytest.raises(ConfigError) as err:
         if config == "train":
             train_settings(*TRAIN_BASE, override)
+        elif config == "export":
+            export_settings(override)
         else:
             eval_settings(override)
     message = str(err.value)
@@ -97,6 +103,21 @@ def test_cross_field_rules():
         eval_settings("predict.input=photos")
     with pytest.raises(ConfigError, match="the config needs a value for 'checkpoint'"):
         eval_job(compose_cfg("eval"), None, [])
+
+
+def test_export_settings_take_the_checkpoint_and_check_sizes():
+    saved = as_dict(train_settings("dataset=demo", "backbone=resnest26", "model.channels=32"))
+    job = export_settings("format=onnx", saved=saved)
+    assert (job.format, job.dataset.name, job.backbone.name, job.model.channels) == ("onnx", "demo", "resnest26", 32)
+    assert export_settings("dataset=cityscapes", saved=saved).dataset.name == "cityscapes"
+    export_rows = [(k, v) for c, k, v in ROWS if c == "export"]
+    assert ("format", "no-such-choice") in export_rows and ("tolerance", 0.0) in export_rows
+    with pytest.raises(ConfigError, match=r"check_sizes=\[\[97, 131, 3\]\] is invalid: expected \[height, width\]"):
+        export_settings("check_sizes=[[97,131,3]]")
+    with pytest.raises(ConfigError, match="each >= 16"):
+        export_settings("check_sizes=[[8,64]]")
+    with pytest.raises(ConfigError, match="the config needs a value for 'out'"):
+        export_model_job(compose_cfg("export_model", "checkpoint=x.pt"), None, [])
 
 
 def test_resume_values():

@@ -151,17 +151,22 @@ def missing_split_error(
     return DataError(f"{problem}\nExpected layout:\n{layout}\n{hint}")
 
 
+def rgb_array(img: Image.Image, source: object) -> np.ndarray:
+    """An 8-bit PIL image as RGB uint8 HxWx3; grayscale, palette and RGBA (alpha dropped) are
+    converted, high bit depth images are rejected (DataError naming ``source``)."""
+    if img.mode in HIGH_BIT_DEPTH_MODES:
+        raise DataError(
+            f"{source}: {img.mode} image has more than 8 bits per channel; convert it to "
+            f"8-bit RGB first (segkit does not guess an intensity window)"
+        )
+    return np.array(img.convert("RGB"))
+
+
 def read_image(path: Path) -> np.ndarray:
-    """Decode an 8-bit image as RGB uint8 HxWx3; grayscale, palette and RGBA (alpha dropped) are
-    converted, high bit depth images are rejected."""
+    """Decode an 8-bit image file as RGB uint8 HxWx3 (:func:`rgb_array`)."""
     try:
         with Image.open(path) as img:
-            if img.mode in HIGH_BIT_DEPTH_MODES:
-                raise DataError(
-                    f"{path}: {img.mode} image has more than 8 bits per channel; convert it to "
-                    f"8-bit RGB first (segkit does not guess an intensity window)"
-                )
-            return np.array(img.convert("RGB"))
+            return rgb_array(img, path)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot decode image ({e})") from None
 

@@ -33,7 +33,10 @@ class Preprocess:
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 H x W x 3 (any device) -> normalised float32 3 x H x W on the same device."""
-        x = image.permute(2, 0, 1).float().div_(255)
+        return self.normalize(image.permute(2, 0, 1).float().div_(255))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 3 x H x W with values 0..1 -> normalised, in place."""
         mean = torch.tensor(self.mean, device=x.device).view(3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(3, 1, 1)
         return x.sub_(mean).div_(std)

@@ -1,33 +1,28 @@
-"""eval_seg.py's work: rebuild the model from a checkpoint, evaluate, print and record, export masks."""
+"""eval_seg.py's work: rebuild the model from a checkpoint, evaluate, print and record, export masks;
+or (``predict.input=DIR``) predict a folder of images through :class:`~segkit.predictor.Predictor`."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+from tqdm import tqdm
+
 from segkit import distributed
-from segkit.checkpoint import ModelCheckpoint, restore_model
+from segkit.checkpoint import ModelCheckpoint, label_space_of
 from segkit.config import EvalJob
 from segkit.data import build_dataset
-from segkit.data.predict import image_folder
-from segkit.distributed import setup_distributed
-from segkit.engine.inference import evaluate, prepare_model
+from segkit.data.predict import image_files
+from segkit.distributed import Env, setup_distributed
+from segkit.engine.inference import evaluate
 from segkit.errors import ConfigError
-from segkit.export import MaskExporter
-from segkit.files import write_text_atomic
+from segkit.export import MaskExporter, export_kinds, open_export_dir
+from segkit.files import sha256_file, write_text_atomic
 from segkit.metrics import format_table
-from segkit.models.segmentor import build_segmentor
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from segkit.predictor import Predictor, load_network
 
 
 def _finite(value: float) -> float | None:
@@ -45,27 +40,50 @@ def metrics_record(metrics: dict[str, Any], classes: list[str], job: EvalJob, ch
         "dataset": job.dataset.name, "split": job.eval.split, "backbone": job.backbone.name,
         "scales": job.eval.scales, "flip": job.eval.flip, "align_corners": job.eval.align_corners,
         "fusion": job.eval.fusion, "window_placement": job.eval.window_placement, "checkpoint": str(checkpoint),
-        "checkpoint_sha256": _sha256(checkpoint), "num_images": metrics["num_images"], "seconds": seconds,
+        "checkpoint_sha256": sha256_file(checkpoint), "num_images": metrics["num_images"], "seconds": seconds,
         "images_per_s": metrics["num_images"] / seconds if seconds > 0 else None,
     }
+
+
+def _network(job: EvalJob, ckpt: ModelCheckpoint, num_classes: int, env: Env) -> nn.Module:
+    e = job.eval
+    return load_network(ckpt, job.backbone, job.model, num_classes, env.device, channels_last=e.channels_last,
+                        fold_bn=e.fold_bn, compile=e.compile)
+
+
+def predict_folder(job: EvalJob, ckpt: ModelCheckpoint, env: Env) -> None:
+    """Predict every image below ``predict.input`` into ``export.dir`` (rank r takes images r, r + world,
+    ...), in the label space the checkpoint carries (older checkpoints: the configured dataset's)."""
+    files = image_files(job.predict.input)
+    space = label_space_of(ckpt, job.dataset).configured(job.dataset)
+    e, x = job.eval, job.export
+    out_dir = open_export_dir(x.dir, x.overwrite)
+    predictor = Predictor(_network(job, ckpt, space.num_classes, env), space, device=env.device, scales=e.scales,
+                          flip=e.flip, output_stride=job.backbone.output_stride, max_batch=e.max_batch,
+                          autocast=e.amp)
+    kinds = export_kinds(x.overlay, x.side_by_side)
+    names = list(files)[distributed.get_rank()::distributed.get_world_size()]
+    for name in tqdm(names, unit="img", desc="predict", dynamic_ncols=True,
+                     disable=not (distributed.is_main_process() and e.progress)):
+        predictor.predict(files[name]).save(out_dir, kinds, name=name)
+    distributed.barrier()
+    if distributed.is_main_process():
+        print(f"wrote predictions of {len(files)} images to {x.dir}")
 
 
 def run_evaluation(job: EvalJob, ckpt: ModelCheckpoint, run_dir: Path) -> dict[str, Any] | None:
     """Evaluate ``ckpt`` as ``job`` says; returns the metrics record (None in prediction mode and on
     ranks other than 0)."""
     env = setup_distributed(job.eval.device, key="eval.device")
-    predict = job.predict.input is not None
+    if job.predict.input is not None:
+        predict_folder(job, ckpt, env)
+        return None
     metrics_path = run_dir / "metrics.json"
-    if not predict and metrics_path.exists():  # refused now, not after the whole evaluation
+    if metrics_path.exists():  # refused now, not after the whole evaluation
         raise ConfigError(f"{metrics_path} holds an earlier evaluation; pick another hydra.run.dir")
-    dataset = (image_folder(job.dataset, job.predict.input) if predict
-               else build_dataset(job.dataset, job.eval.split))
-    model = build_segmentor(job.backbone, job.model, dataset.num_classes, load_weights=False)
-    restore_model(model, ckpt.state, ckpt.path, ckpt.config, job.backbone.name, dataset.num_classes)
-    e = job.eval
-    model = prepare_model(model, env.device, channels_last=e.channels_last, fold_bn=e.fold_bn, compile=e.compile)
-
-    x = job.export
+    dataset = build_dataset(job.dataset, job.eval.split)
+    model = _network(job, ckpt, dataset.num_classes, env)
+    e, x = job.eval, job.export
     exporter = (MaskExporter(x.dir, dataset, overwrite=x.overwrite, overlay=x.overlay, side_by_side=x.side_by_side)
                 if x.dir else None)
     d = job.dataset
@@ -79,9 +97,6 @@ def run_evaluation(job: EvalJob, ckpt: ModelCheckpoint, run_dir: Path) -> dict[s
                        max_size=e.max_size)
     seconds = time.perf_counter() - started
     if not distributed.is_main_process():
-        return None
-    if predict:
-        print(f"wrote predictions of {metrics['num_images']} images to {x.dir}")
         return None
     print(format_table(metrics, dataset.classes))
     record = metrics_record(metrics, dataset.classes, job, ckpt.path, seconds)

@@ -358,6 +358,62 @@ def predict_multiscale(model: nn.Module, image: torch.Tensor, scales: Sequence[f
     return total.argmax(0) if argmax else total
 
 
+@torch.inference_mode()
+def predict_image(model: nn.Module, image: torch.Tensor, *, scales: Sequence[float] | None = None,
+                  flip: bool = False, base_size: int | None = None, crop_size: int | None = None,
+                  num_classes: int | None = None, pad_multiple: int = 8, pad_value: PadValue = 0.0,
+                  max_batch: int = 8, autocast: AutocastDtype = None, align_corners: bool = True,
+                  fusion: str = "softmax", window_placement: str = "border",
+                  max_size: int | None = None) -> torch.Tensor:
+    """Scores C x H x W of a normalised image 3 x H x W (B x C x H x W for a batch B x 3 x H x W,
+    taken image by image with ``scales``) as :func:`evaluate` predicts: their argmax is its prediction.
+
+    Without ``scales``: the whole image's logits (:func:`predict_single`), or with ``flip`` the
+    softmax probabilities of the image and its mirror (one batch) summed. With ``scales``:
+    :func:`predict_multiscale` (which needs ``base_size``, ``crop_size`` and ``num_classes``).
+    Without ``scales``, an image whose long side exceeds ``max_size`` is covered at its own size by
+    ``crop_size`` windows, so that the network's memory stays that of a window batch.
+    :func:`probabilities` turns the scores into class probabilities.
+    """
+    if image.dim() == 4 and scales is not None:
+        return torch.stack([predict_image(model, x, scales=scales, flip=flip, base_size=base_size,
+                                          crop_size=crop_size, num_classes=num_classes, pad_value=pad_value,
+                                          max_batch=max_batch, autocast=autocast, align_corners=align_corners,
+                                          fusion=fusion, window_placement=window_placement) for x in image])
+    if scales is not None:
+        return predict_multiscale(model, image, scales, flip, base_size, crop_size, num_classes,
+                                  max_batch=max_batch, pad_value=pad_value, autocast=autocast,
+                                  align_corners=align_corners, fusion=fusion, window_placement=window_placement)
+    if max_size is not None and max(image.shape[-2:]) > max_size:
+        if image.dim() == 4:
+            return torch.stack([predict_image(model, x, flip=flip, crop_size=crop_size, num_classes=num_classes,
+                                              pad_value=pad_value, max_batch=max_batch, autocast=autocast,
+                                              max_size=max_size) for x in image])
+        scores = predict_multiscale(model, image, [1.0], flip, max(image.shape[-2:]), crop_size, num_classes,
+                                    max_batch=max_batch, pad_value=pad_value, autocast=autocast)
+        # Probabilities: summed over the flips as below; without flip their log stands for the
+        # logits (its softmax is the probabilities themselves).
+        return scores if flip else scores.log_()
+    if not flip:
+        return predict_single(model, image, pad_multiple=pad_multiple, pad_value=pad_value, autocast=autocast)
+    batch = image if image.dim() == 4 else image[None]
+    # The images and their mirrors in one batch.
+    logits = predict_single(model, torch.cat([batch, batch.flip(-1)]), pad_multiple=pad_multiple,
+                            pad_value=pad_value, autocast=autocast)
+    n = len(batch)
+    scores = logits[:n].softmax(1) + logits[n:].flip(-1).softmax(1)
+    return scores if image.dim() == 4 else scores[0]
+
+
+def probabilities(scores: torch.Tensor, *, scales: Sequence[float] | None = None, flip: bool = False,
+                  fusion: str = "softmax") -> torch.Tensor:
+    """Class probabilities (summing to 1 over the class dimension, the one before H x W) from the
+    scores :func:`predict_image` returned for the same options."""
+    if fusion == "original" or (scales is None and not flip):  # logits, or the log of the scores
+        return scores.softmax(-3)
+    return scores / ((len(scales) if scales is not None else 1) * (2 if flip else 1))
+
+
 class _Shard(torch.utils.data.Dataset):
     """This rank's images: indices ``rank, rank + world, ...``, no sample repeated or padded."""
 
@@ -384,11 +440,11 @@ def evaluate(model: nn.Module, dataset: SegDataset, *, scales: Sequence[float] |
              max_size: int | None = None) -> dict[str, Any]:
     """Evaluate ``model`` on ``dataset`` and return :meth:`ConfusionMatrix.compute`'s metrics.
 
-    Without ``scales`` each image is predicted whole at its own size (:func:`predict_single`; with
-    ``flip`` together with its mirror, softmax probabilities summed), unless its long side exceeds
-    ``max_size``: then it is covered at its own size by ``crop_size`` windows, so that the network's
-    memory stays that of a window batch whatever the image size (what remains grows with the image:
-    the class scores, C x H x W float32);
+    Each image is predicted by :func:`predict_image`: without ``scales`` whole at its own size
+    (:func:`predict_single`; with ``flip`` together with its mirror, softmax probabilities summed),
+    unless its long side exceeds ``max_size``: then it is covered at its own size by ``crop_size``
+    windows, so that the network's memory stays that of a window batch whatever the image size
+    (what remains grows with the image: the class scores, C x H x W float32);
     with ``scales`` (plus ``base_size`` and ``crop_size``) by :func:`predict_multiscale`, in
     forwards of ``max_batch`` windows (:func:`resolve_max_batch`), with its ``align_corners``,
     ``fusion`` and ``window_placement`` (they apply to multi-scale evaluation only; invalid values
@@ -429,23 +485,11 @@ def evaluate(model: nn.Module, dataset: SegDataset, *, scales: Sequence[float] |
         with torch.inference_mode():
             for index, image, mask in loader:
                 x = preprocess(image.to(device, non_blocking=True))
-                if scales is None and max_size is not None and max(x.shape[-2:]) > max_size:
-                    pred = predict_multiscale(model, x, [1.0], flip, max(x.shape[-2:]), crop_size,
-                                              dataset.num_classes, max_batch=max_batch, pad_value=pad_value,
-                                              autocast=autocast, argmax=True)
-                elif scales is None and flip:  # the image and its mirror in one batch
-                    logits = predict_single(model, torch.stack([x, x.flip(-1)]), pad_multiple=pad_multiple,
-                                            pad_value=pad_value, autocast=autocast)
-                    pred = (logits[0].softmax(0) + logits[1].flip(-1).softmax(0)).argmax(0)
-                elif scales is None:
-                    pred = predict_single(model, x, pad_multiple=pad_multiple, pad_value=pad_value,
-                                          autocast=autocast, argmax=True)
-                else:
-                    pred = predict_multiscale(model, x, scales, flip, base_size, crop_size,
-                                              dataset.num_classes, max_batch=max_batch,
-                                              pad_value=pad_value, autocast=autocast, argmax=True,
-                                              align_corners=align_corners, fusion=fusion,
-                                              window_placement=window_placement)
+                pred = predict_image(model, x, scales=scales, flip=flip, base_size=base_size, crop_size=crop_size,
+                                     num_classes=dataset.num_classes, pad_multiple=pad_multiple,
+                                     pad_value=pad_value, max_batch=max_batch, autocast=autocast,
+                                     align_corners=align_corners, fusion=fusion,
+                                     window_placement=window_placement, max_size=max_size).argmax(0)
                 if mask is not None:
                     confmat.update(pred, mask)
                 if callback is not None:

@@ -30,6 +30,7 @@ from segkit import checkpoint, distributed
 from segkit.config import TrainJob, as_dict, check_world_size
 from segkit.data import build_dataset, train_transform
 from segkit.data.base import SegmentationDataset
+from segkit.data.label_space import LabelSpace
 from segkit.distributed import Env, all_reduce, setup_distributed
 from segkit.engine import resources
 from segkit.engine.inference import AUTOCAST_DTYPES, evaluate
@@ -38,7 +39,7 @@ from segkit.engine.optim import build_optimizer, build_scheduler
 from segkit.engine.run_dir import RunLock, RunRecords, take_run_dir
 from segkit.engine.sampler import IterationBatchSampler, SeededSamples
 from segkit.errors import CheckpointError, ConfigError, SegkitError
-from segkit.export import comparison, full_palette
+from segkit.export import comparison
 from segkit.losses import Ohem, SegmentationLoss, auto_class_weights
 from segkit.models.segmentor import Segmentor, build_segmentor
 
@@ -231,7 +232,8 @@ class Trainer:
             p = self.parts
             checkpoint.save(checkpoint.training_record(
                 _unwrap(self.model).state_dict(), iteration, self.config, optimizer=p.optimizer.state_dict(),
-                scheduler=p.scheduler.state_dict(), scaler=p.scaler.state_dict(), best_miou=p.best_miou, rng=rng),
+                scheduler=p.scheduler.state_dict(), scaler=p.scaler.state_dict(), best_miou=p.best_miou, rng=rng,
+                label_space=LabelSpace.from_dataset(p.val_set, self.job.dataset)),
                 self.run_dir / "last.pt")
         self.last_saved = iteration
 
@@ -242,7 +244,7 @@ class Trainer:
     def validate(self, iteration: int) -> dict[str, Any]:
         t, d = self.job.train, self.job.dataset
         shown: list[np.ndarray] = []
-        palette = full_palette(self.parts.val_set.palette)
+        palette = self.parts.val_set.palette
 
         def keep_pictures(index: int, image: np.ndarray, mask: np.ndarray | None, pred: np.ndarray) -> None:
             # The first images of rank 0's shard: the same ones at every validation.
@@ -263,7 +265,9 @@ class Trainer:
             self.parts.best_miou = metrics["mIoU"]
             if self.is_main:
                 checkpoint.save(checkpoint.model_record(_unwrap(self.model).state_dict(), iteration, self.config,
-                                                        summary), self.run_dir / "best.pt")
+                                                        summary, label_space=LabelSpace.from_dataset(
+                                                            self.parts.val_set, self.job.dataset)),
+                                self.run_dir / "best.pt")
         return summary
 
     # -- the loop ------------------------------------------------------------------------------
