@@ -14,22 +14,20 @@ import torch
 
 from segkit import Predictor
 from segkit.deploy import GRAPH_FILES, deploy_model, example_size, export_graph
-from train_helpers import ROOT, TINY, env, run
+from train_helpers import ROOT, env
 
 # Neither the export's example (2 x 35 x 53 at stride 8) nor the command's check sizes.
 SIZES = [(1, 41, 67), (3, 64, 29)]
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
+def data_root(shared_data_root):
+    return shared_data_root
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_root):
-    run_dir = tmp_path_factory.mktemp("run")
-    run(TINY + ["train.iters=2", "train.val_every=100", f"hydra.run.dir={run_dir}"], data_root)
-    return run_dir / "last.pt"
+def trained(trained_run):
+    return trained_run / "last.pt"
 
 
 @pytest.fixture(scope="module")

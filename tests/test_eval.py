@@ -1,7 +1,5 @@
 """eval_seg.py end to end, the PyTorch-Encoding import, and prediction on a folder of images."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,32 +11,24 @@ from torch import nn
 from segkit.models.convert import convert_encoding_state_dict, is_encoding_state_dict
 from segkit.models.resnest import create_backbone
 from segkit.models.segmentor import Segmentor
-from train_helpers import ROOT, TINY, env, run
+from train_helpers import run_eval
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
+def data_root(shared_data_root):
+    return shared_data_root
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_root):
-    run_dir = tmp_path_factory.mktemp("run")
-    run(TINY + ["train.iters=2", "train.val_every=100", f"hydra.run.dir={run_dir}"], data_root)
-    return run_dir / "last.pt"
+def trained(trained_run):
+    return trained_run / "last.pt"
 
 
-def evaluate_cli(args, data_root, check=True):
-    proc = subprocess.run([sys.executable, str(ROOT / "eval_seg.py"), "eval.progress=false", "eval.workers=0", *args],
-                          cwd=ROOT, env=env(data_root), capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def test_checkpoint_alone_rebuilds_model_and_dataset(tmp_path, data_root, trained):
     out = tmp_path / "eval"
-    proc = evaluate_cli([f"checkpoint={trained}", f"hydra.run.dir={out}", "eval.scales=[0.75,1.0]",
+    proc = run_eval([f"checkpoint={trained}", f"hydra.run.dir={out}", "eval.scales=[0.75,1.0]",
                          f"export.dir={tmp_path / 'masks'}"], data_root)
     assert "horizontal stripes" in proc.stdout and "pixAcc" in proc.stdout  # the demo classes, from the checkpoint
     record = json.loads((out / "metrics.json").read_text())
@@ -65,16 +55,16 @@ def test_overrides_win_and_export_refuses_to_overwrite(tmp_path, data_root, trai
     masks = tmp_path / "masks"
     masks.mkdir()
     (masks / "keep.txt").write_text("mine")
-    proc = evaluate_cli([f"checkpoint={trained}", f"hydra.run.dir={tmp_path / 'e'}", "eval.scales=null",
+    proc = run_eval([f"checkpoint={trained}", f"hydra.run.dir={tmp_path / 'e'}", "eval.scales=null",
                          "eval.flip=false", f"export.dir={masks}"], data_root, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "export.overwrite=true" in proc.stderr
     assert (masks / "keep.txt").read_text() == "mine"
 
 
 def test_missing_checkpoint_is_a_message(tmp_path, data_root):
-    proc = evaluate_cli([f"checkpoint={tmp_path / 'none.pt'}", f"hydra.run.dir={tmp_path}"], data_root, check=False)
+    proc = run_eval([f"checkpoint={tmp_path / 'none.pt'}", f"hydra.run.dir={tmp_path}"], data_root, check=False)
     assert proc.returncode == 2 and "checkpoint file not found" in proc.stderr and "Traceback" not in proc.stderr
-    proc = evaluate_cli([f"hydra.run.dir={tmp_path}"], data_root, check=False)
+    proc = run_eval([f"hydra.run.dir={tmp_path}"], data_root, check=False)
     assert proc.returncode == 2 and "needs a value for 'checkpoint': pass checkpoint=..." in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -86,7 +76,7 @@ def test_predict_a_folder_of_images(tmp_path, data_root, trained):
     for name, size in (("a.jpg", (40, 30)), ("b.png", (24, 48))):
         Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(photos / name)
     out = tmp_path / "out"
-    proc = evaluate_cli([f"checkpoint={trained}", f"predict.input={tmp_path / 'photos'}", f"export.dir={out}",
+    proc = run_eval([f"checkpoint={trained}", f"predict.input={tmp_path / 'photos'}", f"export.dir={out}",
                          f"hydra.run.dir={tmp_path / 'e'}", "eval.scales=null", "eval.flip=false"], data_root)
     assert "wrote predictions of 2 images" in proc.stdout
     label = np.asarray(Image.open(out / "labels" / "trip" / "b.png"))

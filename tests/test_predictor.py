@@ -1,8 +1,6 @@
 """segkit.Predictor: the evaluator's labels from Python, every input kind, self-describing checkpoints
 (a folder-trained model predicts after its data is gone), and bad input."""
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,30 +13,22 @@ from segkit.checkpoint import load_model
 from segkit.data.label_space import LabelSpace
 from segkit.engine.inference import predict_image
 from segkit.errors import CheckpointError, DataError
-from train_helpers import ROOT, TINY, env, run
+from train_helpers import TINY, run, run_eval
 
 # The demo images are 32 x 32 (TINY): multi-scale + flip covers them with windows at scale 1.25.
 DEMO_VAL = "demo/ADEChallengeData2016/images/validation"
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
+def data_root(shared_data_root):
+    return shared_data_root
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_root):
-    run_dir = tmp_path_factory.mktemp("run")
-    run(TINY + ["train.iters=2", "train.val_every=2", f"hydra.run.dir={run_dir}"], data_root)
-    return run_dir / "best.pt"
+def trained(trained_run):
+    return trained_run / "best.pt"
 
 
-def eval_cli(args, data_root, check=True):
-    proc = subprocess.run([sys.executable, str(ROOT / "eval_seg.py"), "eval.progress=false", "eval.workers=0", *args],
-                          cwd=ROOT, env=env(data_root), capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def val_images(data_root):
@@ -49,7 +39,7 @@ def val_images(data_root):
                          ids=["single-scale", "multi-scale+flip"])
 def test_predictor_gives_eval_seg_exported_labels(tmp_path, data_root, trained, tta, options):
     masks = tmp_path / "masks"
-    eval_cli([f"checkpoint={trained}", f"hydra.run.dir={tmp_path / 'e'}", f"export.dir={masks}", *options], data_root)
+    run_eval([f"checkpoint={trained}", f"hydra.run.dir={tmp_path / 'e'}", f"export.dir={masks}", *options], data_root)
     predictor = Predictor.from_checkpoint(trained, device="cpu", tta=tta)
     assert predictor.scales == ((0.75, 1.0, 1.25) if tta else None) and predictor.flip is tta
     files = val_images(data_root)
@@ -62,7 +52,7 @@ def test_predictor_gives_eval_seg_exported_labels(tmp_path, data_root, trained, 
 
     # eval_seg.py predict.input=DIR goes through the Predictor: the same labels again.
     out = tmp_path / "predicted"
-    proc = eval_cli([f"checkpoint={trained}", f"hydra.run.dir={tmp_path / 'p'}", f"predict.input={files[0].parent}",
+    proc = run_eval([f"checkpoint={trained}", f"hydra.run.dir={tmp_path / 'p'}", f"predict.input={files[0].parent}",
                      f"export.dir={out}", *options], data_root)
     assert "wrote predictions of 2 images" in proc.stdout
     for f in files:
@@ -153,7 +143,7 @@ def test_bad_images_in_predict_input_are_one_line_errors(tmp_path, data_root, tr
         photos = tmp_path / name.split(".")[0]
         photos.mkdir()
         write(photos / name)
-        proc = eval_cli([f"checkpoint={trained}", f"predict.input={photos}", f"export.dir={tmp_path / name}",
+        proc = run_eval([f"checkpoint={trained}", f"predict.input={photos}", f"export.dir={tmp_path / name}",
                          f"hydra.run.dir={tmp_path / 'e'}", "eval.scales=null"], data_root, check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert proc.stderr.strip().count("\n") == 0 and name in proc.stderr
@@ -183,7 +173,7 @@ def test_folder_checkpoint_predicts_after_its_data_root_is_deleted(tmp_path, dat
     photos.mkdir()
     Image.fromarray(rgb).save(photos / "photo.png")
     out = tmp_path / "cli"
-    eval_cli([f"checkpoint={run_dir / 'last.pt'}", f"predict.input={photos}", f"export.dir={out}",
+    run_eval([f"checkpoint={run_dir / 'last.pt'}", f"predict.input={photos}", f"export.dir={out}",
               f"hydra.run.dir={tmp_path / 'e'}"], data_root)
     for kind in ("labels", "color", "overlay"):
         assert (np.asarray(Image.open(out / kind / "photo.png")) == np.asarray(Image.open(paths[kind]))).all()

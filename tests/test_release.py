@@ -15,19 +15,17 @@ from segkit import Predictor
 from segkit.checkpoint import load_model
 from segkit.errors import CheckpointError
 from segkit.files import load_file, sha256_file
-from train_helpers import ROOT, TINY, env, run
+from train_helpers import ROOT, env
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
+def data_root(shared_data_root):
+    return shared_data_root
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_root):
-    run_dir = tmp_path_factory.mktemp("run")
-    run(TINY + ["train.iters=2", "train.val_every=2", f"hydra.run.dir={run_dir}"], data_root)
-    return run_dir / "best.pt"
+def trained(trained_run):
+    return trained_run / "best.pt"
 
 
 def cli(script, args, data_root, check=True):

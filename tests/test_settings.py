@@ -7,7 +7,7 @@ import pytest
 
 from config_helpers import compose_cfg, eval_settings, export_settings, train_settings
 from segkit.config import (DemoDatasetSettings, EvalJob, TrainJob, as_dict, check_world_size, eval_job,
-                           export_model_job, train_job)
+                           export_model_job)
 from segkit.errors import ConfigError
 
 

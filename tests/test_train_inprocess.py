@@ -15,7 +15,6 @@ import torch.multiprocessing as mp
 from config_helpers import eval_settings, train_settings
 from segkit.checkpoint import load_model
 from segkit.engine.evaluator import run_evaluation
-from segkit.engine.inference import evaluate
 from segkit.engine.trainer import Trainer, build_training, train
 from train_helpers import TINY
 
@@ -89,7 +88,6 @@ import resource, sys, torch
 from torch import nn
 sys.path.insert(0, {tests!r})
 from test_train_inprocess import Huge
-from segkit.engine.inference import evaluate
 torch.set_num_threads(2)
 
 class Windowed(nn.Module):  # per-pixel scores; refuses anything larger than a 512 x 512 window

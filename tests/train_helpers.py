@@ -39,3 +39,12 @@ def model_state(path: Path) -> dict[str, torch.Tensor]:
 def records(run_dir: Path, split: str) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r.get("split", "train") == split]
+
+
+def run_eval(args: list[str], data_root: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """eval_seg.py in a subprocess, quietly and without workers."""
+    proc = subprocess.run([sys.executable, str(ROOT / "eval_seg.py"), "eval.progress=false", "eval.workers=0", *args],
+                          cwd=ROOT, env=env(data_root), capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
