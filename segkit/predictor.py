@@ -32,7 +32,8 @@ from segkit.checkpoint import ModelCheckpoint, label_space_of, restore_model
 from segkit.config import BackboneSettings, ModelSettings, saved_settings
 from segkit.data.base import read_image, rgb_array
 from segkit.data.label_space import LabelSpace
-from segkit.engine.inference import AutocastDtype, predict_image, prepare_model, probabilities, resolve_max_batch
+from segkit.engine.inference import (AutocastDtype, check_multiscale_options, predict_image, prepare_model,
+                                     probabilities, resolve_max_batch)
 from segkit.errors import CheckpointError, ConfigError
 from segkit.export import colorize, overlay, write_masks
 from segkit.models.segmentor import build_segmentor
@@ -133,7 +134,9 @@ class Predictor:
 
     def __init__(self, model: nn.Module, label_space: LabelSpace, *, device: torch.device | str,
                  scales: Sequence[float] | None = None, flip: bool = False, output_stride: int = 8,
-                 max_batch: int | str = "auto", autocast: AutocastDtype = None) -> None:
+                 max_batch: int | str = "auto", autocast: AutocastDtype = None, align_corners: bool = True,
+                 fusion: str = "softmax", window_placement: str = "border", max_size: int | None = None) -> None:
+        check_multiscale_options(fusion, window_placement)
         self.model = model
         self.label_space = label_space
         self.device = resolve_device(device)
@@ -142,6 +145,9 @@ class Predictor:
         self.output_stride = output_stride
         self.max_batch = max_batch
         self.autocast = autocast
+        # As eval.align_corners, eval.fusion, eval.window_placement and eval.max_size.
+        self.align_corners, self.fusion, self.window_placement = align_corners, fusion, window_placement
+        self.max_size = max_size
         resolve_max_batch(max_batch, label_space.crop_size, self.device)  # a bad value fails now
 
     @classmethod
@@ -149,7 +155,8 @@ class Predictor:
                         **options: Any) -> Predictor:
         """A segkit checkpoint (``best.pt``, ``last.pt``) or release directory. ``tta``: False, True
         (the dataset's evaluation scales with flip) or a list of scales (with flip). ``options``:
-        ``max_batch``, ``autocast``, and ``channels_last`` / ``fold_bn`` / ``compile`` as ``eval.*``."""
+        ``max_batch``, ``autocast``, ``align_corners``, ``fusion``, ``window_placement``, ``max_size``,
+        and ``channels_last`` / ``fold_bn`` / ``compile`` as ``eval.*``."""
         ckpt = checkpoint.load_model(Path(path))
         if ckpt.config is None:
             raise CheckpointError(
@@ -196,7 +203,7 @@ class Predictor:
                      else self._normalised(chunk[0])[None])
             scores = self._scores(batch)
             labels = scores.argmax(1).cpu().numpy()
-            probs = (probabilities(scores, scales=self.scales, flip=self.flip).cpu().numpy()
+            probs = (probabilities(scores, scales=self.scales, flip=self.flip, fusion=self.fusion).cpu().numpy()
                      if want_probabilities else [None] * len(chunk))
             out += [Prediction(labels[k], image.rgb, self.label_space, probs[k], image.name)
                     for k, image in enumerate(chunk)]
@@ -227,10 +234,13 @@ class Predictor:
 
     def _scores(self, batch: torch.Tensor) -> torch.Tensor:
         s = self.label_space
-        max_batch = resolve_max_batch(self.max_batch, s.crop_size if self.scales is not None else None, self.device)
+        windows = self.scales is not None or self.max_size is not None
+        max_batch = resolve_max_batch(self.max_batch, s.crop_size if windows else None, self.device)
         return predict_image(self.model, batch, scales=self.scales, flip=self.flip, base_size=s.base_size,
                              crop_size=s.crop_size, num_classes=s.num_classes, pad_multiple=self.output_stride,
-                             pad_value=s.preprocess.pad_value, max_batch=max_batch, autocast=self.autocast)
+                             pad_value=s.preprocess.pad_value, max_batch=max_batch, autocast=self.autocast,
+                             align_corners=self.align_corners, fusion=self.fusion,
+                             window_placement=self.window_placement, max_size=self.max_size)
 
 
 @dataclass

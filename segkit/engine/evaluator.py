@@ -60,7 +60,8 @@ def predict_folder(job: EvalJob, ckpt: ModelCheckpoint, env: Env) -> None:
     out_dir = open_export_dir(x.dir, x.overwrite)
     predictor = Predictor(_network(job, ckpt, space.num_classes, env), space, device=env.device, scales=e.scales,
                           flip=e.flip, output_stride=job.backbone.output_stride, max_batch=e.max_batch,
-                          autocast=e.amp)
+                          autocast=e.amp, align_corners=e.align_corners, fusion=e.fusion,
+                          window_placement=e.window_placement, max_size=e.max_size)
     kinds = export_kinds(x.overlay, x.side_by_side)
     names = list(files)[distributed.get_rank()::distributed.get_world_size()]
     for name in tqdm(names, unit="img", desc="predict", dynamic_ncols=True,
