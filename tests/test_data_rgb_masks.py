@@ -8,7 +8,7 @@ from PIL import Image
 from data_helpers import random_image, save
 from hydra.errors import ConfigCompositionException
 
-from config_helpers import dataset_settings
+from config_helpers import dataset_settings, train_settings
 from segkit.data import FolderDataset, build_dataset
 from segkit.data import prepare
 from segkit.data.base import ColorLut, color_codes
@@ -202,3 +202,26 @@ def test_prepare_to_index_refuses_bad_trees(tmp_path, capsys):
     assert (tmp_path / "masks_index/val/b.png").read_bytes() == before
     assert run("--out", str(tmp_path / "masks" / "index")) == 2
     assert "is inside" in error_line(capsys)
+
+
+def test_rgb_tree_trains_and_evaluates_like_its_index_conversion(tmp_path, monkeypatch):
+    """Two iterations on the colour masks and on their index conversion: the same weights and the
+    same validation numbers."""
+    import torch
+
+    from segkit.engine.trainer import train
+
+    make_rgb_folder(tmp_path / "data")
+    assert prepare.main(["folder", "--root", str(tmp_path / "data"), "--to-index", "--workers", "1"]) == 0
+    torch.set_num_threads(1)
+    common = ("folder", f"dataset.root={tmp_path / 'data'}", "dataset.base_size=24", "dataset.crop_size=24",
+              "backbone=resnest14", "backbone.pretrained=null", "model.channels=8", "model.aspp_dropout=0",
+              "model.dropout=0", "model.aux_dropout=0", "train.batch_size=3", "train.workers=0", "train.iters=2",
+              "train.val_every=2", "train.progress=false", "train.val_images=0")
+    summaries, weights = [], []
+    for name, masks in (("rgb", ("dataset.mask_format=rgb",)),
+                        ("index", ("dataset.mask_dir=masks_index", "dataset.mask_format=index"))):
+        summaries.append(train(train_settings(*[f"dataset={common[0]}", *common[1:], *masks]), tmp_path / name))
+        weights.append(torch.load(tmp_path / name / "last.pt", weights_only=True)["model"])
+    assert summaries[0] == summaries[1]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
