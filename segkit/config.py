@@ -166,6 +166,7 @@ class TrainSettings:
     amp: Optional[str] = setting(None, choices=AMP_CHOICES)
     channels_last: bool = False
     compile: bool = False
+    grad_checkpointing: bool = False
     sync_bn: bool = True
     log_every: int = setting(20, ge=1)
     val_every: Optional[int] = setting(None, ge=1)

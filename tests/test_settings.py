@@ -93,6 +93,7 @@ def test_cross_field_rules():
     with pytest.raises(ConfigError, match="eval.max_batch=0"):
         eval_settings("eval.max_batch=0")
     assert eval_settings("eval.max_batch=3").eval.max_batch == 3
+    assert train_settings("train.grad_checkpointing=true").train.grad_checkpointing is True
     with pytest.raises(ConfigError, match="predict.input needs export.dir"):
         eval_settings("predict.input=photos")
     with pytest.raises(ConfigError, match="the config needs a value for 'checkpoint'"):
