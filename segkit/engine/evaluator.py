@@ -62,7 +62,8 @@ def run_evaluation(job: EvalJob, ckpt: ModelCheckpoint, run_dir: Path) -> dict[s
     model = build_segmentor(job.backbone, job.model, dataset.num_classes, load_weights=False)
     restore_model(model, ckpt.state, ckpt.path, ckpt.config, job.backbone.name, dataset.num_classes)
     e = job.eval
-    model = prepare_model(model, env.device, channels_last=e.channels_last, fold_bn=e.fold_bn, compile=e.compile)
+    model = prepare_model(model, env.device, channels_last=e.channels_last, fold_bn=e.fold_bn, dtype=e.dtype,
+                          compile=e.compile)
 
     x = job.export
     exporter = (MaskExporter(x.dir, dataset, overwrite=x.overwrite, overlay=x.overlay, side_by_side=x.side_by_side)
