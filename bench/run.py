@@ -4,9 +4,17 @@
 Peer: segmentation-models-pytorch's DeepLabV3 on timm's ResNeSt (``tu-resnest*``) at the same output
 stride; for multi-scale + flip, also the naive loop (one forward per scale, flip and window).
 Timings are interleaved (A B, then B A, ...) after warm-up, and medians are reported, so drift on a
-shared machine hits both sides alike. Examples:
+shared machine hits both sides alike.
 
-    python bench/run.py --device cpu --backbone resnest50 --size 256 --batch 2
+Against the machine's limits: the run records the CPU model and its bf16 flags, measures the
+fp32 and bf16 peaks of a matmul and of a large 3x3 conv on this device, and reports every
+workload's achieved GFLOP/s (FlopCounterMode FLOPs / median time) as a fraction of the peak of its
+precision. Activation memory per training image (bench/memory.py) is measured for segkit and the
+peer, in fp32 and under bf16 autocast, with and without activation checkpointing. Examples:
+
+    python bench/run.py --device cpu --backbone resnest50 --size 256 --batch 2 \
+        --memory-backbone resnest101 --memory-size 512
+    python bench/run.py --device cpu --backbone resnest50 --size 256 --batch 2 --amp bf16
     python bench/run.py --device cuda --backbone resnest101 --size 512 --batch 8 --amp bf16 --channels-last
     python bench/run.py --predictor-only        # segkit.Predictor vs the evaluator, single image 512x683
 """
@@ -27,9 +35,12 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from memory import training_forward_bytes  # noqa: E402
 from naive import naive_multiscale  # noqa: E402
 from segkit.engine.inference import predict_multiscale, predict_single, prepare_model, resolve_max_batch  # noqa: E402,E501
 from segkit.losses import SegmentationLoss  # noqa: E402
@@ -42,6 +53,9 @@ TIMM_NAMES = {"resnest14": "resnest14d", "resnest26": "resnest26d", "resnest50":
               "resnet50d": "resnet50d", "resnet101d": "resnet101d"}
 ADE_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, **AMP}
+#: /proc/cpuinfo flags that decide what bf16 costs on a CPU (oneDNN uses the first two for bf16 math).
+CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16", "avx512f", "avx2")
 
 
 class PeerDeepLabV3(nn.Module):
@@ -58,19 +72,39 @@ class PeerDeepLabV3(nn.Module):
 
 
 STACKS = ("segkit", "segkit_noaux", "peer")
+#: Also timed in training, reported as the cost of checkpointing rather than as a stack.
+CHECKPOINTED = "segkit_ckpt"
+
+
+def new_model(stack: str, backbone: str, classes: int, output_stride: int) -> nn.Module:
+    """``segkit``: the recipe's model (with the aux FCN head); ``segkit_noaux``: the same without
+    it, which is smp's DeepLabV3 layout; ``segkit_ckpt``: the recipe's model with
+    ``train.grad_checkpointing=true``; ``peer``: smp on timm (``peer_ckpt``: with timm's own
+    checkpointing of the encoder stages)."""
+    if stack.startswith("segkit"):
+        model = Segmentor(create_backbone(backbone, output_stride=output_stride), classes,
+                          aux=stack != "segkit_noaux")
+        model.set_grad_checkpointing(stack == CHECKPOINTED)
+        return model
+    model = PeerDeepLabV3(backbone, classes, output_stride)
+    model.net.encoder.model.set_grad_checkpointing(stack == "peer_ckpt")
+    return model
 
 
 def build(stack: str, args: argparse.Namespace) -> nn.Module:
-    """``segkit``: the recipe's model (with the aux FCN head); ``segkit_noaux``: the same without
-    it, which is smp's DeepLabV3 layout; ``peer``: smp on timm."""
     torch.manual_seed(0)
-    if stack.startswith("segkit"):
-        model = Segmentor(create_backbone(args.backbone, output_stride=args.output_stride), args.classes,
-                          aux=stack == "segkit")
-    else:
-        model = PeerDeepLabV3(args.backbone, args.classes, args.output_stride)
+    model = new_model(stack, args.backbone, args.classes, args.output_stride)
     model = model.to(args.device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     return torch.compile(model) if args.compile else model
+
+
+def criterion_for(stack: str) -> Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]:
+    """segkit's loss for segkit (main + 0.2 x aux cross-entropy); PyTorch's cross-entropy for the
+    peer, as an smp user trains it."""
+    if stack.startswith("segkit"):
+        loss = SegmentationLoss(aux_weight=0.2)
+        return lambda out, masks: loss(out, masks)[0]
+    return lambda out, masks: F.cross_entropy(out["out"], masks, ignore_index=255)
 
 
 def sync(device: str) -> None:
@@ -99,21 +133,21 @@ def interleave(fns: dict[str, Callable[[], object]], rounds: int, warmup: int, d
     return times
 
 
-def train_step(model: nn.Module, args: argparse.Namespace) -> Callable[[], None]:
+def train_step(model: nn.Module, stack: str, args: argparse.Namespace) -> Callable[[], None]:
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(args.batch, 3, args.size, args.size, generator=gen).to(args.device)
     if args.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     masks = torch.randint(0, args.classes, (args.batch, args.size, args.size), generator=gen).to(args.device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    criterion = SegmentationLoss(aux_weight=0.2)
+    criterion = criterion_for(stack)
     scaler = torch.amp.GradScaler(args.device, enabled=args.amp == "fp16")
     model.train()
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         with torch.autocast(args.device, dtype=AMP.get(args.amp, torch.float32), enabled=args.amp is not None):
-            loss, _ = criterion(model(images), masks)
+            loss = criterion(model(images), masks)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -132,23 +166,62 @@ def flops_per_image(model: nn.Module, args: argparse.Namespace, train: bool) -> 
     return counter.get_total_flops() / 2
 
 
-def matmul_peak_tflops(device: str) -> float | None:
-    """Measured bf16 matmul throughput of this GPU (the denominator of the utilisation figure)."""
-    if device != "cuda":
-        return None
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    times = [timed(lambda: a @ b, device) for _ in range(20)]
-    return 2 * 8192**3 / statistics.median(times) / 1e12
+def _fastest(fn: Callable[[], object], device: str) -> float:
+    """Seconds of the fastest of three calls after one warm-up (a peak is a best case)."""
+    fn()
+    return min(timed(fn, device) for _ in range(3))
+
+
+def peak_gflops(device: str, dtype: torch.dtype, budget: float) -> dict:
+    """Best measured GFLOP/s of a square matmul (n = 256 .. 2048; up to 8192 on a GPU) and of a 3x3
+    conv 512->512 (8x8 .. 64x64, NCHW or channels_last; batch 8 on a GPU). Sizes grow until a call
+    takes longer than ``budget`` seconds, so that an emulated precision finishes too."""
+    gpu = device == "cuda"
+    result: dict = {"matmul": 0.0, "conv": 0.0}
+    for n in (256, 512, 1024, 2048, 4096, 8192)[:6 if gpu else 4]:
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        seconds = _fastest(lambda: a @ b, device)
+        if 2 * n**3 / seconds / 1e9 > result["matmul"]:
+            result["matmul"], result["matmul_size"] = 2 * n**3 / seconds / 1e9, n
+        if seconds > budget:
+            break
+    batch = 8 if gpu else 1
+    for hw in (8, 16, 32, 64):
+        flops = 2 * batch * 512 * 512 * 9 * hw * hw
+        slowest = 0.0
+        for layout, name in ((torch.contiguous_format, "NCHW"), (torch.channels_last, "channels_last")):
+            x = torch.randn(batch, 512, hw, hw, device=device).to(dtype).contiguous(memory_format=layout)
+            w = torch.randn(512, 512, 3, 3, device=device).to(dtype).contiguous(memory_format=layout)
+            seconds = _fastest(lambda: F.conv2d(x, w, padding=1), device)
+            if flops / seconds / 1e9 > result["conv"]:
+                result.update(conv=flops / seconds / 1e9, conv_size=hw, conv_layout=name)
+            slowest = max(slowest, seconds)
+        if slowest > budget:
+            break
+    result["peak"] = max(result["matmul"], result["conv"])
+    return result
+
+
+def cpu_info() -> dict:
+    """The CPU model, whether it has the flags bf16 speed depends on, and whether oneDNN uses bf16."""
+    info: dict = {"model": platform.processor() or "unknown", "flags": {}}
+    try:
+        lines = open("/proc/cpuinfo").read().splitlines()
+        info["model"] = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1] for line in lines if line.startswith("flags")).split())
+        info["flags"] = {f: f in flags for f in CPU_FLAGS}
+    except (OSError, StopIteration):
+        pass
+    info["bf16_units"] = bool(info["flags"].get("avx512_bf16") or info["flags"].get("amx_bf16"))
+    info["onednn_bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return info
 
 
 def peak_memory_mb(stack: str, args: argparse.Namespace) -> float:
     """Peak memory of training steps: CUDA max allocated here; on CPU the peak RSS of a fresh process."""
     if args.device == "cuda":
         model = build(stack, args)
-        step = train_step(model, args)
+        step = train_step(model, stack, args)
         step()
         torch.cuda.reset_peak_memory_stats()
         step()
@@ -180,12 +253,34 @@ def loader_images_per_s(args: argparse.Namespace) -> float:
     return seen / (time.perf_counter() - start)
 
 
+def counted_gflop(fn: Callable[[], object]) -> float:
+    """GFLOPs FlopCounterMode counts in ``fn``, run on fake tensors (shapes only, nothing computed)."""
+    with FakeTensorMode(allow_non_fake_inputs=True), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def window_forwards(image: torch.Tensor, args: argparse.Namespace) -> int:
+    """How many crop x crop windows multi-scale + flip runs through the model for ``image``."""
+    windows = 0
+
+    def stub(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        nonlocal windows
+        windows += x.shape[0]
+        return {"out": x.new_zeros(x.shape[0], args.classes, *x.shape[-2:])}
+
+    predict_multiscale(stub, image, ADE_SCALES, True, args.base, args.crop, args.classes, max_batch=8)
+    return windows
+
+
 def measure_inference(seg: nn.Module, peer: nn.Module, args: argparse.Namespace) -> dict:
     """Single-scale images/s (segkit vs peer) and multi-scale + flip s/image (segkit vs naive loop).
 
     "segkit" is the model as eval_seg.py runs it by default (BatchNorm folded, channels_last);
     "segkit_plain" is the same weights unchanged, NCHW, as the peer and the naive loop run;
-    "segkit_compiled" (``--eval-compile``) adds eval.compile=true.
+    "segkit_compiled" (``--eval-compile``) adds eval.compile=true; with ``--amp bf16``,
+    "segkit_bf16" is eval.dtype=bf16 (weights cast once after folding, no autocast) where the others
+    run under autocast. The naive loop runs in float32 whatever ``--amp`` says.
     """
     results: dict = {}
     h, w = args.infer_size
@@ -200,20 +295,25 @@ def measure_inference(seg: nn.Module, peer: nn.Module, args: argparse.Namespace)
         torch._dynamo.reset()
         return prepare_model(copy.deepcopy(seg), args.device, compile=True)
 
-    variants = {"segkit": prepared, "segkit_plain": seg, "peer": peer}
+    weights_bf16 = ({"segkit_bf16": prepare_model(copy.deepcopy(seg), args.device, dtype="bf16")}
+                    if args.amp == "bf16" else {})
+    variants = {"segkit": prepared, "segkit_plain": seg, "peer": peer, **weights_bf16}
     if args.eval_compile:
         variants["segkit_compiled"] = compiled()
-    single = {s: (lambda m=m: predict_single(m, image, pad_multiple=args.output_stride, autocast=args.amp))
+    single = {s: (lambda m=m, s=s: predict_single(m, image, pad_multiple=args.output_stride,
+                                                  autocast=None if s == "segkit_bf16" else args.amp))
               for s, m in variants.items()}
     t = interleave(single, args.rounds, 1, args.device)
     results["infer_single_img_per_s"] = {s: 1 / statistics.median(v) for s, v in t.items()}
 
     # "naive_cl" (the naive loop on a channels_last copy) isolates what batching alone buys.
     seg_cl = copy.deepcopy(seg).to(memory_format=torch.channels_last)
-    variants = {"segkit": prepared, **({"segkit_compiled": compiled()} if args.eval_compile else {})}
+    variants = {"segkit": prepared, **weights_bf16,
+                **({"segkit_compiled": compiled()} if args.eval_compile else {})}
     max_batch = results["msflip_max_batch"] = resolve_max_batch(args.max_batch, args.crop, args.device)
-    ms = {s: (lambda m=m: predict_multiscale(m, image, ADE_SCALES, True, args.base, args.crop, args.classes,
-                                             max_batch=max_batch, autocast=args.amp))
+    ms = {s: (lambda m=m, s=s: predict_multiscale(m, image, ADE_SCALES, True, args.base, args.crop, args.classes,
+                                                  max_batch=max_batch,
+                                                  autocast=None if s == "segkit_bf16" else args.amp))
           for s, m in variants.items()}
     ms["naive"] = lambda: naive_multiscale(seg, image, ADE_SCALES, True, args.base, args.crop, args.classes)
     ms["naive_cl"] = lambda: naive_multiscale(seg_cl, image, ADE_SCALES, True, args.base, args.crop, args.classes)
@@ -226,7 +326,61 @@ def measure_inference(seg: nn.Module, peer: nn.Module, args: argparse.Namespace)
             out = ms[s]()
             results["msflip_vs_naive"][s] = {"max_abs_diff": (out - naive).abs().max().item(),
                                              "argmax_agreement": (out.argmax(0) == naive.argmax(0)).float().mean().item()}
+
+    crop = torch.zeros(1, 3, args.crop, args.crop, device=args.device)
+    results["gflop_per_call"] = {
+        "single": {s: counted_gflop(lambda m=m: predict_single(m, image, pad_multiple=args.output_stride))
+                   for s, m in (("segkit", seg), ("peer", peer))},
+        "msflip": window_forwards(image, args) * counted_gflop(lambda: seg(crop))}
     return results
+
+
+def utilisation(results: dict, args: argparse.Namespace) -> dict:
+    """Achieved GFLOP/s of every timed workload, its fraction of the measured peak of its
+    precision (the better of matmul and conv), and its speed against the peer in the same run."""
+    amp = args.amp or "fp32"
+    peaks = results["peak_gflops"]
+    g, train = results["gflops_per_image"], results["train_img_per_s"]
+    single, ms = results["infer_single_img_per_s"], results["infer_msflip_s_per_img"]
+    ckpt = results["grad_checkpointing"]
+    rows = {}
+
+    def add(name: str, gflops: float, precision: str, vs_peer: float) -> None:
+        rows[name] = {"gflop_per_s": gflops, "precision": precision,
+                      "fraction_of_peak": gflops / peaks[precision]["peak"], "vs_peer": vs_peer}
+
+    for s in STACKS:
+        add(f"train {s}", g[s]["train_step"] * train[s], amp, train[s] / train["peer"])
+    # Useful FLOPs only: the recomputation is the cost of checkpointing, not work done.
+    add(f"train {CHECKPOINTED}", g["segkit"]["train_step"] * args.batch / ckpt["step_s"]["on"], amp,
+        args.batch / ckpt["step_s"]["on"] / train["peer"])
+    flops = results["gflop_per_call"]
+    for s, rate in single.items():
+        add(f"infer single {s}", flops["single"]["peer" if s == "peer" else "segkit"] * rate,
+            "bf16" if s == "segkit_bf16" else amp, rate / single["peer"])
+    for s, seconds in ms.items():
+        add(f"infer msflip {s}", flops["msflip"] / seconds,
+            "bf16" if s == "segkit_bf16" else "fp32" if s.startswith("naive") else amp, ms["naive"] / seconds)
+    return rows
+
+
+def activation_memory(args: argparse.Namespace) -> dict:
+    """Bytes saved for backward per training image (bench/memory.py), fp32 and bf16 autocast."""
+    stacks = ("segkit", CHECKPOINTED, "segkit_noaux", "peer", "peer_ckpt")
+    gib: dict = {s: {} for s in stacks}
+    params: dict = {s: {} for s in stacks}
+    for stack in stacks:
+        for precision in ("fp32", "bf16"):
+            torch.manual_seed(0)
+            saved = training_forward_bytes(
+                lambda: new_model(stack, args.memory_backbone, args.classes, args.output_stride),
+                criterion_for(stack), args.memory_batch, args.memory_size, args.classes,
+                amp=AMP.get(precision), fake=not args.memory_real)
+            gib[stack][precision] = saved.total / args.memory_batch / 2**30
+            params[stack][precision] = saved.parameters / args.memory_batch / 2**30
+    return {"backbone": args.memory_backbone, "size": args.memory_size, "batch": args.memory_batch,
+            "fake_tensors": not args.memory_real, "gib_per_image": gib, "parameters_gib_per_image": params,
+            "vs_peer": {s: {p: gib[s][p] / gib["peer"][p] for p in gib[s]} for s in stacks}}
 
 
 class _OneImage:
@@ -273,12 +427,19 @@ def predictor_row(results: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    results: dict = {}
-    models = {s: build(s, args) for s in STACKS}
+    results: dict = {"cpu": cpu_info()}
+    precisions = dict.fromkeys(("fp32", "bf16", args.amp or "fp32"))
+    results["peak_gflops"] = {p: peak_gflops(args.device, DTYPES[p], args.peak_budget) for p in precisions}
+    models = {s: build(s, args) for s in (*STACKS, CHECKPOINTED)}
 
-    t = interleave({s: train_step(m, args) for s, m in models.items()}, args.rounds, args.warmup, args.device)
-    results["train_step_s_median"] = {s: statistics.median(v) for s, v in t.items()}
-    results["train_img_per_s"] = {s: args.batch / v for s, v in results["train_step_s_median"].items()}
+    t = interleave({s: train_step(m, s, args) for s, m in models.items()}, args.rounds, args.warmup, args.device)
+    step_s = {s: statistics.median(v) for s, v in t.items()}
+    checkpointed = step_s.pop(CHECKPOINTED)
+    results["train_step_s_median"] = step_s
+    results["train_img_per_s"] = {s: args.batch / v for s, v in step_s.items()}
+    results["grad_checkpointing"] = {"step_s": {"off": step_s["segkit"], "on": checkpointed},
+                                     "step_time_ratio": checkpointed / step_s["segkit"]}
+    del models[CHECKPOINTED]
 
     results.update(measure_inference(models["segkit"], models["peer"], args))
     results["predictor_single_s_per_img"] = measure_predictor(models["segkit"], args)
@@ -286,14 +447,15 @@ def run(args: argparse.Namespace) -> dict:
     results["gflops_per_image"] = {s: {"forward": flops_per_image(m, args, False) / 1e9,
                                        "train_step": flops_per_image(m, args, True) / 1e9}
                                    for s, m in models.items()}
-    peak = matmul_peak_tflops(args.device)
-    if peak:
-        results["bf16_matmul_peak_tflops"] = peak
+    results["utilisation"] = utilisation(results, args)
+    if args.device == "cuda":
+        peak = results["bf16_matmul_peak_tflops"] = results["peak_gflops"]["bf16"]["matmul"] / 1e3
         results["train_fraction_of_peak"] = {
             s: results["gflops_per_image"][s]["train_step"] * results["train_img_per_s"][s] / 1e3 / peak
             for s in models}
     del models
-    results["peak_memory_mb"] = {s: peak_memory_mb(s, args) for s in STACKS}
+    results["peak_memory_mb"] = {s: peak_memory_mb(s, args) for s in (*STACKS, CHECKPOINTED)}
+    results["activation_memory"] = activation_memory(args)
     if args.data:
         results["loader_img_per_s"] = loader_images_per_s(args)
     return results
@@ -312,13 +474,18 @@ def table(results: dict) -> str:
              row("  segkit plain (NCHW, BN not folded) vs peer", "infer_single_img_per_s", "segkit_plain", "peer")]
     if "segkit_compiled" in single:
         lines.append(row("  segkit eval.compile=true vs peer", "infer_single_img_per_s", "segkit_compiled", "peer"))
+    if "segkit_bf16" in single:
+        lines.append(row("  segkit eval.dtype=bf16 vs peer (autocast)", "infer_single_img_per_s", "segkit_bf16", "peer"))
     lines.append(predictor_row(results))
     lines += [row("multi-scale + flip s/image: segkit vs naive", "infer_msflip_s_per_img", "segkit", "naive"),
               row("  segkit vs naive loop in channels_last", "infer_msflip_s_per_img", "segkit", "naive_cl")]
     if "segkit_compiled" in ms:
         lines.append(row("  segkit eval.compile=true vs naive", "infer_msflip_s_per_img", "segkit_compiled", "naive"))
+    if "segkit_bf16" in ms:
+        lines.append(row("  segkit eval.dtype=bf16 vs naive (fp32)", "infer_msflip_s_per_img", "segkit_bf16", "naive"))
     lines += [row("peak train memory MB: segkit vs peer", "peak_memory_mb", "segkit", "peer"),
-              row("peak train memory MB: without aux vs peer", "peak_memory_mb", "segkit_noaux", "peer")]
+              row("peak train memory MB: without aux vs peer", "peak_memory_mb", "segkit_noaux", "peer"),
+              row("peak train memory MB: checkpointed vs peer", "peak_memory_mb", CHECKPOINTED, "peer")]
     g = results["gflops_per_image"]
     for kind in ("forward", "train_step"):
         x, y = g["segkit"][kind], g["peer"][kind]
@@ -327,6 +494,9 @@ def table(results: dict) -> str:
         lines.append(f"multi-scale + flip, {variant} vs naive loop: speed-up {ms['naive'] / ms[variant]:.2f}x, "
                      f"max |diff| {agree['max_abs_diff']:.1e}, argmax agreement {agree['argmax_agreement']:.4%} "
                      f"({results['msflip_max_batch']} windows per forward)")
+    ckpt = results["grad_checkpointing"]
+    lines.append(f"train.grad_checkpointing=true: step {ckpt['step_s']['on']:.3f} s vs {ckpt['step_s']['off']:.3f} s "
+                 f"({ckpt['step_time_ratio']:.2f}x the step time)")
     if "train_fraction_of_peak" in results:
         f = results["train_fraction_of_peak"]
         lines.append(f"training step at {f['segkit']:.1%} (segkit) / {f['peer']:.1%} (peer) of the measured "
@@ -334,17 +504,44 @@ def table(results: dict) -> str:
     if "loader_img_per_s" in results:
         lines.append(f"data loader, ADE20K recipe on demo images, {results['settings']['workers']} workers: "
                      f"{results['loader_img_per_s']:.1f} images/s")
+    return "\n".join(lines + ["", limits_table(results), "", memory_table(results["activation_memory"])])
+
+
+def limits_table(results: dict) -> str:
+    cpu = results["cpu"]
+    flags = ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in cpu["flags"].items())
+    lines = [f"CPU: {cpu['model']} ({flags}; oneDNN bf16: {'yes' if cpu['onednn_bf16'] else 'no'})"]
+    if not cpu["bf16_units"]:
+        lines.append("  no bf16 units (avx512_bf16 / amx_bf16): bf16 is emulated on this CPU, bf16 speed is not "
+                     "representative; keep fp32")
+    for precision, p in results["peak_gflops"].items():
+        lines.append(f"measured peak {precision}: matmul {p['matmul']:.1f} GFLOP/s ({p['matmul_size']}^2), "
+                     f"conv 3x3 512->512 {p['conv']:.1f} GFLOP/s ({p['conv_size']}x{p['conv_size']}, "
+                     f"{p['conv_layout']})")
+    lines.append(f"{'workload':40s} {'precision':>9s} {'GFLOP/s':>9s} {'of peak':>8s} {'vs peer':>8s}")
+    for name, r in results["utilisation"].items():
+        lines.append(f"{name:40s} {r['precision']:>9s} {r['gflop_per_s']:9.1f} {r['fraction_of_peak']:8.1%} "
+                     f"{r['vs_peer']:7.2f}x")
+    lines.append("(vs peer: training and single scale against smp/timm, multi-scale + flip against the naive "
+                 "loop; checkpointed training counts its useful FLOPs only)")
     return "\n".join(lines)
 
 
-def device_name(device: str) -> str:
+def memory_table(memory: dict) -> str:
+    lines = [f"activation memory per training image, GiB (saved for backward, {memory['backbone']} "
+             f"{memory['size']}x{memory['size']}, batch {memory['batch']}, "
+             f"{'fake tensors' if memory['fake_tensors'] else 'real run'}; ratio to the peer without checkpointing)",
+             f"{'stack':20s} {'fp32':>8s} {'ratio':>7s} {'bf16':>8s} {'ratio':>7s}"]
+    for stack, gib in memory["gib_per_image"].items():
+        ratio = memory["vs_peer"][stack]
+        lines.append(f"{stack:20s} {gib['fp32']:8.3f} {ratio['fp32']:7.3f} {gib['bf16']:8.3f} {ratio['bf16']:7.3f}")
+    return "\n".join(lines)
+
+
+def device_name(device: str, cpu: dict) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "cpu"
-    return f"{model} ({torch.get_num_threads()} threads)"
+    return f"{cpu['model']} ({torch.get_num_threads()} threads)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -372,17 +569,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, help="demo data root for the loader benchmark (generated if absent)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--loader-batches", type=int, default=10)
+    p.add_argument("--peak-budget", type=float, default=0.25,
+                   help="seconds per call up to which the matmul / conv peaks grow their size")
+    p.add_argument("--memory-backbone", choices=sorted(TIMM_NAMES), help="default: --backbone")
+    p.add_argument("--memory-size", type=int, help="default: --size")
+    p.add_argument("--memory-batch", type=int, help="default: --batch")
+    p.add_argument("--memory-real", action="store_true",
+                   help="measure activation memory on real tensors (default: fake tensors, same bytes, no compute)")
     p.add_argument("--out", type=Path, help="JSON file (default: bench/results/<device>-<backbone>-<time>.json)")
     p.add_argument("--predictor-only", action="store_true",
                    help="measure only segkit.Predictor against the evaluator's single-scale path")
-    p.add_argument("--peak-rss-child", choices=STACKS, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    p.add_argument("--peak-rss-child", choices=(*STACKS, CHECKPOINTED), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.memory_backbone = args.memory_backbone or args.backbone
+    args.memory_size = args.memory_size or args.size
+    args.memory_batch = args.memory_batch or args.batch
+    return args
 
 
 def main() -> None:
     args = parse_args()
     if args.peak_rss_child:  # a fresh process: its peak RSS is this stack's alone
-        step = train_step(build(args.peak_rss_child, args), args)
+        step = train_step(build(args.peak_rss_child, args), args.peak_rss_child, args)
         for _ in range(2):
             step()
         # VmHWM belongs to this address space; ru_maxrss would carry the parent's peak across exec.
@@ -398,7 +606,7 @@ def main() -> None:
     results = run(args)
     settings = {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
                 for k, v in vars(args).items() if k not in ("peak_rss_child", "out")}
-    results = {"device": device_name(args.device), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    results = {"device": device_name(args.device, results["cpu"]), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                "versions": {"torch": torch.__version__, "timm": timm.__version__, "smp": smp.__version__,
                             "python": platform.python_version()},
                "settings": settings, **results}

@@ -168,6 +168,7 @@ class TrainSettings:
     amp: Optional[str] = setting(None, choices=AMP_CHOICES)
     channels_last: bool = False
     compile: bool = False
+    grad_checkpointing: bool = False
     sync_bn: bool = True
     log_every: int = setting(20, ge=1)
     val_every: Optional[int] = setting(None, ge=1)
@@ -195,6 +196,7 @@ class EvalSettings:
     max_batch: Any = setting("auto", doc="auto or a positive integer")
     max_size: Optional[int] = setting(2048, ge=1, doc="single scale: longer images go through crop windows")
     amp: Optional[str] = setting(None, choices=AMP_CHOICES)
+    dtype: Optional[str] = setting(None, choices=("bf16",), doc="the prepared model's weights, end to end")
     channels_last: bool = True
     fold_bn: bool = True
     compile: bool = False
@@ -493,6 +495,9 @@ def eval_job(cfg: DictConfig, saved: Mapping[str, Any] | None, overrides: Sequen
     job = _to_object(_with_saved(cfg, saved, overrides), EvalJob)
     validate(job)
     check_max_batch(job.eval.max_batch)
+    if job.eval.amp is not None and job.eval.dtype is not None:
+        raise ConfigError(f"eval.amp={job.eval.amp} and eval.dtype={job.eval.dtype} are two ways to run in "
+                          f"lower precision: pick one (amp: autocast per layer; dtype: weights cast once)")
     _check_dataset(job.dataset, job.backbone.output_stride)
     if job.predict.input is not None and job.export.dir is None:
         raise ConfigError("predict.input needs export.dir=DIR: predictions are only written as files")

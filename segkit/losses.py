@@ -74,6 +74,46 @@ def _pixel_weights(target: torch.Tensor, valid: torch.Tensor, weight: torch.Tens
     return weight[target.masked_fill(~valid, 0)] * valid
 
 
+class _PixelCrossEntropy(torch.autograd.Function):
+    """``-log softmax(logits)[target]`` per pixel (B x H x W; 0 where ``target`` is ``ignore_index``),
+    computed in float32 for bf16/fp16 logits (as autocast runs ``F.cross_entropy``).
+
+    ``F.cross_entropy`` keeps its float32 log-probabilities for backward: at 150 classes and full
+    resolution that is the largest single activation of a training step, and under bf16 autocast
+    twice the size of the bf16 logits it came from. Backward needs only ``softmax(logits)``, so
+    this keeps the logits as they came (bf16 under autocast) and one log-sum-exp per pixel.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        valid = target != ignore_index
+        index = target.masked_fill(~valid, 0).unsqueeze(1)
+        with torch.autocast(logits.device.type, enabled=False):
+            x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            picked = x.gather(1, index)
+            log_p = F.log_softmax(x, dim=1).gather(1, index)
+        ctx.save_for_backward(logits, (picked - log_p).squeeze(1), target)
+        ctx.ignore_index = ignore_index
+        return torch.where(valid, -log_p.squeeze(1), 0.0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        logits, lse, target = ctx.saved_tensors
+        valid = target != ctx.ignore_index
+        index = target.masked_fill(~valid, 0).unsqueeze(1)
+        probs = logits.to(lse.dtype, copy=True).sub_(lse.unsqueeze(1)).exp_()  # softmax
+        probs.scatter_add_(1, index, torch.full(index.shape, -1.0, dtype=probs.dtype, device=probs.device))
+        probs.mul_(torch.where(valid, grad, 0.0).unsqueeze(1))
+        return probs.to(logits.dtype), None, None
+
+
+def pixel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Per-pixel cross-entropy (B x H x W, at least float32), 0 on pixels labelled ``ignore_index``:
+    the values of ``F.cross_entropy(reduction="none")``, with less kept for backward (see
+    :class:`_PixelCrossEntropy`)."""
+    return _PixelCrossEntropy.apply(logits, target, ignore_index)
+
+
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255,
                   weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy over the pixels not labelled ``ignore_index``; 0 when there are none.
@@ -81,12 +121,11 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
     With ``weight`` (one per class) it is the weighted mean ``sum w[y] * nll / sum w[y]``, as
     ``F.cross_entropy(weight=weight, reduction="mean")``.
     """
+    nll = pixel_cross_entropy(logits, target, ignore_index)
     if weight is None:
-        total = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
         # The mean of F.cross_entropy divides by this count (0 -> NaN); clamping keeps an all-ignored
         # batch at 0 without a host sync.
-        return total / (target != ignore_index).sum().clamp(min=1)
-    nll = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
+        return nll.sum() / (target != ignore_index).sum().clamp(min=1)
     pixel_weight = _pixel_weights(target, target != ignore_index, weight)
     return _safe_ratio((nll * pixel_weight).sum(), pixel_weight.sum())
 
@@ -128,7 +167,7 @@ def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, thresh: float
     differentiated through. It uses only this batch: under DistributedDataParallel each rank selects
     among its own pixels (as mmseg does), and DDP averages the per-rank gradients.
     """
-    nll = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
+    nll = pixel_cross_entropy(logits, target, ignore_index)
     valid = target != ignore_index
     keep = _ohem_keep(nll.detach(), valid, thresh, min_kept)
     pixel_weight = keep.float() if weight is None else _pixel_weights(target, keep, weight)

@@ -102,12 +102,12 @@ def resolve_device(device: torch.device | str) -> torch.device:
 
 def load_network(ckpt: ModelCheckpoint, backbone: BackboneSettings, model: ModelSettings, num_classes: int,
                  device: torch.device, *, channels_last: bool = True, fold_bn: bool = True,
-                 compile: bool = False) -> nn.Module:
+                 dtype: AutocastDtype = None, compile: bool = False) -> nn.Module:
     """The segmentor ``backbone`` and ``model`` describe, with ``ckpt``'s weights, prepared for
     inference on ``device`` (:func:`~segkit.engine.inference.prepare_model`)."""
     net = build_segmentor(backbone, model, num_classes, load_weights=False)
     restore_model(net, ckpt.state, ckpt.path, ckpt.config, backbone.name, num_classes)
-    return prepare_model(net, device, channels_last=channels_last, fold_bn=fold_bn, compile=compile)
+    return prepare_model(net, device, channels_last=channels_last, fold_bn=fold_bn, dtype=dtype, compile=compile)
 
 
 def tta_options(tta: TTA, label_space: LabelSpace) -> tuple[tuple[float, ...] | None, bool]:
@@ -168,7 +168,7 @@ class Predictor:
             raise CheckpointError(f"{path}: its saved settings are unusable ({e})") from None
         space = label_space_of(ckpt, settings.dataset)
         device = resolve_device(device)
-        prepare = {k: options.pop(k) for k in ("channels_last", "fold_bn", "compile") if k in options}
+        prepare = {k: options.pop(k) for k in ("channels_last", "fold_bn", "dtype", "compile") if k in options}
         model = load_network(ckpt, settings.backbone, settings.model, space.num_classes, device, **prepare)
         scales, flip = tta_options(tta, space)
         return cls(model, space, device=device, scales=scales, flip=flip,

@@ -16,7 +16,7 @@ def test_bench_script_writes_its_results(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "bench" / "run.py"), "--backbone", "resnest14", "--size", "64",
            "--classes", "5", "--infer-size", "40", "52", "--base", "48", "--crop", "32", "--rounds", "1",
-           "--ms-rounds", "1", "--warmup", "1", "--out", str(out)]
+           "--ms-rounds", "1", "--warmup", "1", "--peak-budget", "0.02", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -33,3 +33,21 @@ def test_bench_script_writes_its_results(tmp_path):
     assert flops["segkit"]["train_step"] > flops["segkit_noaux"]["train_step"]
     assert all(v > 0 for v in results["peak_memory_mb"].values())
     assert "multi-scale + flip, segkit vs naive loop: speed-up" in proc.stdout
+    # The machine's limits: CPU flags, measured peaks, every workload against the peak of its precision.
+    assert set(results["cpu"]["flags"]) >= {"avx512_bf16", "amx_bf16"} and "model" in results["cpu"]
+    assert {p: set(v) >= {"matmul", "conv", "peak"} for p, v in results["peak_gflops"].items()} == \
+        {"fp32": True, "bf16": True}
+    rows = results["utilisation"]
+    assert {"train segkit", "train peer", "train segkit_ckpt", "infer single segkit", "infer single peer",
+            "infer msflip segkit", "infer msflip naive"} <= set(rows)
+    assert all(r["gflop_per_s"] > 0 and r["fraction_of_peak"] > 0 and r["vs_peer"] > 0 for r in rows.values())
+    assert rows["train peer"]["vs_peer"] == 1 and rows["infer single segkit"]["precision"] == "fp32"
+    assert "measured peak bf16: matmul" in proc.stdout and "of peak" in proc.stdout
+    # Activation memory per training image, both precisions; checkpointing keeps a fraction of it.
+    memory = results["activation_memory"]["gib_per_image"]
+    assert {"segkit", "segkit_ckpt", "peer", "peer_ckpt"} <= set(memory)
+    for precision in ("fp32", "bf16"):
+        assert memory["segkit_ckpt"][precision] < 0.5 * memory["segkit"][precision]
+        assert memory["segkit"]["bf16"] < 0.6 * memory["segkit"]["fp32"]
+    assert results["grad_checkpointing"]["step_time_ratio"] > 0
+    assert results["peak_memory_mb"]["segkit_ckpt"] > 0

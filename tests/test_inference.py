@@ -4,6 +4,7 @@ The stubs (tests/eval_helpers.py) make the expected outputs derivable independen
 bench/naive.py's one-window-one-flip-at-a-time loop is what the batched implementation must reproduce.
 """
 
+import copy
 
 import pytest
 import torch
@@ -107,6 +108,64 @@ def test_autocast_bf16_on_cpu_is_close():
     torch.testing.assert_close(low, ref, atol=0.05, rtol=0)
     with pytest.raises(ConfigError, match="'fp8'"):
         predict_multiscale(model, image, *args, autocast="fp8")
+
+
+def _calibrated_segmentor():
+    """A small recipe model whose BatchNorm statistics were gathered on the kind of input it sees,
+    so that eval-mode activations are of the trained scale (random running statistics are not)."""
+    from segkit.models.resnest import create_backbone
+    from segkit.models.segmentor import Segmentor
+    torch.manual_seed(0)
+    model = Segmentor(create_backbone("resnest14", output_stride=8), 7, channels=16)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration batches
+    with torch.no_grad():
+        for _ in range(4):
+            model.train()(torch.randn(4, 3, 64, 64))
+    return model.eval()
+
+
+@pytest.mark.parametrize("how", ["autocast", "dtype"])
+@torch.inference_mode()
+def test_bf16_agrees_with_fp32(how):
+    # bf16 keeps 8 bits of mantissa: probabilities move by a few hundredths and only pixels whose
+    # two best classes are that close can change their label.
+    from segkit.engine.inference import prepare_model
+    model = _calibrated_segmentor()
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    reference = predict_single(prepare_model(copy.deepcopy(model), "cpu"), images).softmax(1)
+    bf16 = (prepare_model(copy.deepcopy(model), "cpu", dtype="bf16") if how == "dtype"
+            else prepare_model(copy.deepcopy(model), "cpu"))
+    logits = predict_single(bf16, images, autocast="bf16" if how == "autocast" else None)
+    assert logits.dtype == torch.float32
+    probs = logits.softmax(1)
+    assert (probs - reference).abs().max() < 0.08
+    top2 = reference.topk(2, dim=1).values
+    confident = top2[:, 0] - top2[:, 1] > 0.1
+    agree = probs.argmax(1) == reference.argmax(1)
+    assert agree[confident].all() and confident.float().mean() > 0.3
+    assert agree.float().mean() > 0.9
+    # Multi-scale + flip goes through the same forward.
+    args = (images[0], [0.75, 1.0], True, 64, 48, 7)
+    ms_reference = predict_multiscale(prepare_model(copy.deepcopy(model), "cpu"), *args)
+    ms = predict_multiscale(bf16, *args, autocast="bf16" if how == "autocast" else None)
+    assert (ms.argmax(0) == ms_reference.argmax(0)).float().mean() > 0.9
+
+
+@torch.inference_mode()
+def test_bf16_weights_are_cast_once_and_compute_what_autocast_computes():
+    from segkit.engine.inference import prepare_model
+    model = _calibrated_segmentor()
+    weights = prepare_model(copy.deepcopy(model), "cpu", dtype="bf16")
+    assert {p.dtype for p in weights.parameters()} == {torch.bfloat16}
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    # On CPU autocast runs every layer of this model in bf16 too, from the same folded weights cast
+    # to bf16: the two give the same logits; prepared weights skip the per-call casts.
+    autocast = predict_single(prepare_model(copy.deepcopy(model), "cpu"), images, autocast="bf16")
+    torch.testing.assert_close(predict_single(weights, images), autocast, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="model dtype must be one of .* got 'fp8'"):
+        prepare_model(copy.deepcopy(model), "cpu", dtype="fp8")
 
 
 def test_evaluate_single_scale_matches_direct_scoring():

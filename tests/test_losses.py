@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from bench.memory import saved_bytes
 from loss_helpers import OHEM, ddp_batch, loss_and_grads, ohem_worker
 
 from segkit.data import FolderDataset
@@ -23,6 +24,7 @@ from segkit.losses import (
     class_frequencies,
     load_class_weights,
     ohem_mask,
+    pixel_cross_entropy,
     save_class_weights,
 )
 
@@ -100,6 +102,41 @@ def test_extra_loss_options_are_passed_to_smp(batch):
 def test_bad_config_raises_config_error(cfg, match):
     with pytest.raises(ConfigError, match=match):
         build_loss(cfg)
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
+def test_pixel_cross_entropy_is_torch_cross_entropy(amp):
+    torch.manual_seed(0)
+    low = torch.randn(2, 6, 5, 7, requires_grad=True)
+    target = torch.randint(0, 6, (2, 20, 28))
+    target[1, :4] = 255
+    results = []
+    for loss_fn in (lambda x: pixel_cross_entropy(x, target),
+                    lambda x: F.cross_entropy(x, target, ignore_index=255, reduction="none")):
+        low.grad = None
+        with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+            # bf16 logits under autocast, as the model's upsampled output is
+            logits = F.interpolate(low, size=(20, 28), mode="bilinear", align_corners=True)
+            nll = loss_fn(logits)
+        (nll * torch.linspace(0, 1, nll.numel()).view_as(nll)).sum().backward()
+        results.append((nll, low.grad.clone()))
+    (ours, our_grad), (torchs, torch_grad) = results
+    assert ours.dtype == torch.float32 and torch.equal(ours[1, :4], torch.zeros(4, 28))
+    # The same float32 arithmetic on the same logits; gradients reach bf16 logits rounded to bf16.
+    torch.testing.assert_close(ours, torchs)
+    torch.testing.assert_close(our_grad, torch_grad, **({"rtol": 1e-2, "atol": 1e-3} if amp else {}))
+
+
+def test_pixel_cross_entropy_keeps_the_logits_as_they_came():
+    logits = torch.randn(2, 150, 32, 32, dtype=torch.bfloat16, requires_grad=True)
+    target = torch.randint(0, 150, (2, 32, 32))
+    ours = saved_bytes(lambda: pixel_cross_entropy(logits, target), [])
+    torchs = saved_bytes(lambda: F.cross_entropy(logits.float(), target, reduction="none"), [])
+    # bf16 logits + a float32 log-sum-exp and the int64 target per pixel, where torch keeps the
+    # float32 log-probabilities (and the target).
+    pixels = 2 * 32 * 32
+    assert ours.total == pixels * (150 * 2 + 4 + 8)
+    assert torchs.total >= pixels * (150 * 4 + 8)
 
 
 # --- class weights ---------------------------------------------------------------------------------

@@ -99,6 +99,10 @@ def test_cross_field_rules():
     with pytest.raises(ConfigError, match="eval.max_batch=0"):
         eval_settings("eval.max_batch=0")
     assert eval_settings("eval.max_batch=3").eval.max_batch == 3
+    with pytest.raises(ConfigError, match=r"^eval.amp=bf16 and eval.dtype=bf16 are two ways .* pick one"):
+        eval_settings("eval.amp=bf16", "eval.dtype=bf16")
+    assert eval_settings("eval.dtype=bf16").eval.dtype == "bf16"
+    assert train_settings("train.grad_checkpointing=true").train.grad_checkpointing is True
     with pytest.raises(ConfigError, match="predict.input needs export.dir"):
         eval_settings("predict.input=photos")
     with pytest.raises(ConfigError, match="the config needs a value for 'checkpoint'"):

@@ -48,7 +48,7 @@ def metrics_record(metrics: dict[str, Any], classes: list[str], job: EvalJob, ch
 def _network(job: EvalJob, ckpt: ModelCheckpoint, num_classes: int, env: Env) -> nn.Module:
     e = job.eval
     return load_network(ckpt, job.backbone, job.model, num_classes, env.device, channels_last=e.channels_last,
-                        fold_bn=e.fold_bn, compile=e.compile)
+                        fold_bn=e.fold_bn, dtype=e.dtype, compile=e.compile)
 
 
 def predict_folder(job: EvalJob, ckpt: ModelCheckpoint, env: Env) -> None:

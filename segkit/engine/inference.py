@@ -44,14 +44,18 @@ class SegDataset(Protocol):
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]: ...
 
 
+def _dtype(value: AutocastDtype, what: str) -> torch.dtype | None:
+    if not isinstance(value, str):
+        return value
+    if value not in AUTOCAST_DTYPES:
+        raise ConfigError(f"{what} dtype must be one of {sorted(AUTOCAST_DTYPES)} or null, got {value!r}")
+    return AUTOCAST_DTYPES[value]
+
+
 def _autocast(device: torch.device, dtype: AutocastDtype) -> contextlib.AbstractContextManager:
+    dtype = _dtype(dtype, "autocast")
     if dtype is None:
         return contextlib.nullcontext()
-    if isinstance(dtype, str):
-        if dtype not in AUTOCAST_DTYPES:
-            raise ConfigError(f"autocast dtype must be one of {sorted(AUTOCAST_DTYPES)} or null, "
-                              f"got {dtype!r}")
-        dtype = AUTOCAST_DTYPES[dtype]
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
@@ -150,22 +154,41 @@ def resolve_max_batch(max_batch: int | str, crop_size: int | None, device: torch
     return max_batch
 
 
+class _CastInput(nn.Module):
+    """``model`` with its parameters in ``dtype``, taking float32 input (cast on entry)."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = model.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model(x.to(self.dtype))
+
+
 def prepare_model(model: nn.Module, device: torch.device | str, *, channels_last: bool = True,
-                  fold_bn: bool = True, compile: bool = False) -> nn.Module:
+                  fold_bn: bool = True, dtype: AutocastDtype = None, compile: bool = False) -> nn.Module:
     """``model`` (changed in place) set up for evaluation only: on ``device`` in eval mode, BatchNorm
-    folded into the convs, NHWC memory format, and optionally ``torch.compile``d.
+    folded into the convs, NHWC memory format, optionally in ``dtype`` and ``torch.compile``d.
 
     Folding and channels_last give the same outputs up to float rounding; on CPU (oneDNN) they make
-    a forward ~17% faster (bench/NOTES.md). ``compile`` uses inductor with frozen weights
-    (constant-folded and, on CPU, pre-packed for oneDNN): the first forward of each input shape
-    compiles (about a minute on two cores), so it pays off on long evaluations. The model must not
-    be trained afterwards.
+    a forward ~17% faster (bench/NOTES.md). ``dtype`` (``"bf16"``) runs the model in that dtype end
+    to end: the weights are cast once, after folding (the folded scales are computed in float32),
+    the input on entry, and the logits stay in ``dtype`` until the caller's final float32
+    (:func:`predict_single`, :func:`predict_multiscale`). Unlike autocast, no weight is cast per
+    call and every layer runs in ``dtype``, softmax and upsampling included. ``compile`` uses
+    inductor with frozen weights (constant-folded and, on CPU, pre-packed for oneDNN): the first
+    forward of each input shape compiles (about a minute on two cores), so it pays off on long
+    evaluations. The model must not be trained afterwards.
     """
     model.to(device).eval()
     if fold_bn:
         example = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
         fold_batchnorm(model, example.to(device))
     model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    dtype = _dtype(dtype, "model")
+    if dtype is not None:
+        model = _CastInput(model, dtype)
     return torch.compile(model, options={"freezing": True}) if compile else model
 
 

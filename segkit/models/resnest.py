@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segkit.models.checkpointing import checkpointed
 from segkit.models.norm import NormLayer, norm_pooled
 
 
@@ -170,6 +171,7 @@ class ResNeSt(nn.Module):
         if output_stride not in _DILATED_STAGES:
             raise ValueError(f"output_stride must be one of {sorted(_DILATED_STAGES)}, got {output_stride!r}")
         self.output_stride = output_stride
+        self.grad_checkpointing = False
         self.inplanes = 2 * stem_width
         self._block_args = dict(radix=radix, cardinality=cardinality, bottleneck_width=bottleneck_width,
                                 avd=avd, avd_first=avd_first, norm_layer=norm_layer)
@@ -217,13 +219,30 @@ class ResNeSt(nn.Module):
                         for _ in range(1, blocks)]
         return nn.Sequential(*blocks_list)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the stem and each block in backward instead of keeping their activations
+        (only while gradients are computed): the memory of a training forward drops to the
+        blocks' inputs, for one more forward per step (see :mod:`segkit.models.checkpointing`)."""
+        self.grad_checkpointing = enable
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def _stage(self, layer: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        # Block by block: checkpointing a whole stage would bring all of its activations back at
+        # once in backward (23 blocks in ResNeSt-101's third stage).
+        for block in layer:
+            x = checkpointed(block, x)
+        return x
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        c1 = self.layer1(x)
-        c2 = self.layer2(c1)
-        c3 = self.layer3(c2)
-        c4 = self.layer4(c3)
-        return [c1, c2, c3, c4]
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
+        x = checkpointed(self._stem, x, state=(self.conv1, self.bn1)) if recompute else self._stem(x)
+        features = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = self._stage(layer, x) if recompute else layer(x)
+            features.append(x)
+        return features
 
     def forward_head(self, c4: torch.Tensor) -> torch.Tensor:
         """ImageNet classifier on the last stage output (only when built with ``num_classes > 0``)."""

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segkit.models.checkpointing import checkpointed
 from segkit.models.heads import ASPP_RATES, DeepLabV3Head, FCNHead
 from segkit.models.norm import get_norm_layer
 from segkit.models.pretrained import load_pretrained
@@ -37,6 +38,17 @@ class Segmentor(nn.Module):
         self.head = DeepLabV3Head(c4_channels, num_classes, backbone.output_stride, norm_layer, channels,
                                   aspp_dropout, dropout)
         self.aux_head = FCNHead(c3_channels, num_classes, norm_layer, channels, aux_dropout) if aux else None
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the backbone (stem and every block) and of both heads: the
+        same outputs, gradients and BatchNorm statistics, with the activations recomputed in
+        backward instead of kept (see :mod:`segkit.models.checkpointing`)."""
+        self.grad_checkpointing = enable
+        self.backbone.set_grad_checkpointing(enable)
+
+    def _head(self, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return checkpointed(head, x) if self.grad_checkpointing and torch.is_grad_enabled() else head(x)
 
     def _upsample(self, logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
         # NCHW logits whatever the model's memory format: the softmax / cross-entropy over classes
@@ -46,9 +58,9 @@ class Segmentor(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         size = x.shape[-2:]
         _, _, c3, c4 = self.backbone(x)
-        out = {"out": self._upsample(self.head(c4), size)}
+        out = {"out": self._upsample(self._head(self.head, c4), size)}
         if self.training and self.aux_head is not None:
-            out["aux"] = self._upsample(self.aux_head(c3), size)
+            out["aux"] = self._upsample(self._head(self.aux_head, c3), size)
         return out
 
     def head_parameters(self) -> list[nn.Parameter]:
