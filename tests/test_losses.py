@@ -348,9 +348,8 @@ def test_ohem_under_two_gloo_ranks_selects_per_rank(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # Forked ranks skip re-importing torch (seconds each on a small machine); spawn elsewhere.
-    start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(ohem_worker, args=(2, port, tmp_path), nprocs=2, join=True, start_method=start_method)
+    # Spawned, not forked: a fork of a process whose thread pools already run (earlier tests) is unsafe.
+    mp.start_processes(ohem_worker, args=(2, port, tmp_path), nprocs=2, join=True, start_method="spawn")
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(result["loss"], halves[rank][0])
