@@ -88,6 +88,7 @@ import resource, sys, torch
 from torch import nn
 sys.path.insert(0, {tests!r})
 from test_train_inprocess import Huge
+from segkit.engine.inference import evaluate
 torch.set_num_threads(2)
 
 class Windowed(nn.Module):  # per-pixel scores; refuses anything larger than a 512 x 512 window
