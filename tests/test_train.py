@@ -111,7 +111,7 @@ def test_corrupt_or_foreign_checkpoint_leaves_the_run_directory_untouched(tmp_pa
     assert "corrupt.pt: not a usable PyTorch checkpoint" in err
 
     fresh = _error(run(TINY + [f"hydra.run.dir={run_dir}"], data_root, check=False))
-    assert "already holds an earlier run (last.pt, best.pt, metrics.jsonl, config.yaml, tb); continue it with resume=true" in fresh
+    assert "already holds an earlier run (last.pt, best.pt, metrics.jsonl, config.yaml, train.log, tb); continue it with resume=true" in fresh
     other_arch = _error(run(TINY + [f"hydra.run.dir={run_dir}", "resume=true", "backbone=resnest26",
                                     "backbone.pretrained=null"], data_root, check=False))
     assert "missing keys" in other_arch and "backbone=resnest14" in other_arch
