@@ -49,6 +49,10 @@ def checkpointed(function: Callable[..., torch.Tensor], *args: torch.Tensor,
     ``state``: the modules whose buffers ``function`` updates (defaults to ``function`` itself
     when it is a module); they are left as the first run left them.
     """
+    if torch.compiler.is_compiling():
+        # Compiled, the recomputation is planned on the functional graph, where the buffer updates
+        # happen once anyway (and dynamo accepts no other context_fn than selective checkpointing's).
+        return checkpoint(function, *args, use_reentrant=False, preserve_rng_state=True)
     modules = list(state) or ([function] if isinstance(function, nn.Module) else [])
 
     def contexts() -> tuple[contextlib.AbstractContextManager, _KeepBuffers]:
