@@ -5,10 +5,11 @@ from segkit.cli import register_resolvers
 from segkit.config import DatasetSettings, EvalJob, ExportModelJob, TrainJob, eval_job, export_model_job, train_job
 
 
-def compose_cfg(config_name: str, *overrides: str):
+def compose_cfg(config_name: str, *overrides: str, hydra: bool = False):
+    """The composed config; with ``hydra``, also its ``hydra`` node (the run directory, ...)."""
     register_resolvers()
     with initialize_config_module("segkit.conf", version_base="1.3"):
-        return compose(config_name, overrides=list(overrides))
+        return compose(config_name, overrides=list(overrides), return_hydra_config=hydra)
 
 
 def train_settings(*overrides: str) -> TrainJob:

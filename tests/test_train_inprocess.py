@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +13,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from config_helpers import eval_settings, train_settings
+from config_helpers import compose_cfg, eval_settings, train_settings
 from segkit.checkpoint import load_model
 from segkit.engine.evaluator import run_evaluation
 from segkit.engine.trainer import Trainer, build_training, train
-from train_helpers import TINY
+from train_helpers import TINY, records
 
 
 @pytest.fixture(autouse=True)
@@ -50,6 +51,32 @@ def test_train_then_evaluate_in_process(tmp_path, capsys):
     assert record["mIoU"] == pytest.approx(summary["val_mIoU"], abs=0.05)
     with pytest.raises(Exception, match="holds an earlier evaluation"):
         run_evaluation(job, ckpt, tmp_path / "eval")
+
+
+def _run_dir_for(*overrides: str) -> Path:
+    """hydra.run.dir as train_seg.py resolves it (relative to the working directory)."""
+    return Path(compose_cfg("train", *[a.lstrip("+") for a in TINY], *overrides, hydra=True).hydra.run.dir)
+
+
+def test_resume_latest_continues_the_newest_run_of_the_experiment(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runs = Path("runs/demo-resnest14")
+    first = _run_dir_for("resume=latest")
+    assert first.parent == runs and not first.exists()  # no earlier run: a new time-stamped directory
+
+    train(tiny("train.iters=2", "train.val_every=100"), first)
+    (runs / "2000-01-01_00-00-00").mkdir()
+    (runs / "2000-01-01_00-00-00" / "last.pt").write_bytes(b"an older run")
+    (runs / "2999-01-01_00-00-00").mkdir()  # newer, but it never wrote a checkpoint
+    assert _run_dir_for("resume=latest") == first
+    assert _run_dir_for("resume=latest", "backbone=resnest26").parent == Path("runs/demo-resnest26")
+    assert _run_dir_for("resume=null").parent == runs
+    assert _run_dir_for("resume=null") not in (first, runs / "2999-01-01_00-00-00")
+
+    # A fresh run would refuse this directory (it holds records), so finishing proves it continued.
+    summary = train(tiny("train.iters=4", "train.val_every=100", "resume=latest"), first)
+    assert summary["iter"] == 4
+    assert [r["iter"] for r in records(first, "train")] == [1, 2, 3, 4]
 
 
 def test_original_preset_reaches_the_evaluation(tmp_path):
