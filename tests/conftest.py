@@ -28,3 +28,15 @@ def trained_run(tmp_path_factory, shared_data_root):
     run_dir = tmp_path_factory.mktemp("run")
     run(TINY + ["train.iters=2", "train.val_every=2", f"hydra.run.dir={run_dir}"], shared_data_root)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def trained_last(trained_run):
+    """The shared run's last.pt."""
+    return trained_run / "last.pt"
+
+
+@pytest.fixture(scope="session")
+def trained_best(trained_run):
+    """The shared run's best.pt."""
+    return trained_run / "best.pt"

@@ -56,11 +56,12 @@ def make_cityscapes(root: Path, counts: dict[str, int] | None = None, size: tupl
 
 
 def make_folder(root: Path, classes: str = "classes: [sky, road, car]\n", n: int = 2,
-                size: tuple[int, int] = (20, 28), seed: int = 0) -> Path:
-    """ROOT/images, ROOT/masks (values 0..2 and 255) and ROOT/classes.yaml for train and val."""
+                size: tuple[int, int] = (20, 28), seed: int = 0, counts: dict[str, int] | None = None) -> Path:
+    """ROOT/images, ROOT/masks (values 0..2 and 255) and ROOT/classes.yaml: ``n`` images per split,
+    or ``counts`` per split."""
     rng = np.random.default_rng(seed)
-    for split in ("train", "val"):
-        for i in range(n):
+    for split, count in (counts or {"train": n, "val": n}).items():
+        for i in range(count):
             save(root / "images" / split / f"img{i}.png", random_image(rng, *size))
             mask = rng.integers(0, 3, size=size, dtype=np.uint8)
             mask[0, :] = 255

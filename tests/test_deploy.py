@@ -26,13 +26,8 @@ def data_root(shared_data_root):
 
 
 @pytest.fixture(scope="module")
-def trained(trained_run):
-    return trained_run / "last.pt"
-
-
-@pytest.fixture(scope="module")
-def predictor(trained):
-    return Predictor.from_checkpoint(trained, device="cpu")
+def predictor(trained_last):
+    return Predictor.from_checkpoint(trained_last, device="cpu")
 
 
 def images(n, h, w, seed=0):
@@ -60,9 +55,9 @@ def assert_parity(run_graph, predictor, normalize_inside):
         assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.9999
 
 
-def test_onnx_export_command_checks_itself_and_onnxruntime_agrees(tmp_path, data_root, trained, predictor):
+def test_onnx_export_command_checks_itself_and_onnxruntime_agrees(tmp_path, data_root, trained_last, predictor):
     out = tmp_path / "onnx"
-    proc = subprocess.run([sys.executable, str(ROOT / "export_model.py"), f"checkpoint={trained}", "format=onnx",
+    proc = subprocess.run([sys.executable, str(ROOT / "export_model.py"), f"checkpoint={trained_last}", "format=onnx",
                            "normalize_inside=true", f"out={out}", "check_sizes=[[45,51],[30,70]]"], cwd=ROOT,
                           env=env(data_root), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

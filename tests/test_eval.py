@@ -19,16 +19,11 @@ def data_root(shared_data_root):
     return shared_data_root
 
 
-@pytest.fixture(scope="module")
-def trained(trained_run):
-    return trained_run / "last.pt"
 
 
-
-
-def test_checkpoint_alone_rebuilds_model_and_dataset(tmp_path, data_root, trained):
+def test_checkpoint_alone_rebuilds_model_and_dataset(tmp_path, data_root, trained_last):
     out = tmp_path / "eval"
-    proc = run_eval([f"checkpoint={trained}", f"hydra.run.dir={out}", "eval.scales=[0.75,1.0]",
+    proc = run_eval([f"checkpoint={trained_last}", f"hydra.run.dir={out}", "eval.scales=[0.75,1.0]",
                          f"export.dir={tmp_path / 'masks'}"], data_root)
     assert "horizontal stripes" in proc.stdout and "pixAcc" in proc.stdout  # the demo classes, from the checkpoint
     record = json.loads((out / "metrics.json").read_text())
@@ -43,7 +38,7 @@ def test_checkpoint_alone_rebuilds_model_and_dataset(tmp_path, data_root, traine
     from segkit.data import build_dataset
     from segkit.metrics import ConfusionMatrix
     from segkit.config import DemoDatasetSettings
-    dataset = build_dataset(DemoDatasetSettings(**torch.load(trained, weights_only=True)["config"]["dataset"]), "val")
+    dataset = build_dataset(DemoDatasetSettings(**torch.load(trained_last, weights_only=True)["config"]["dataset"]), "val")
     cm = ConfusionMatrix(dataset.num_classes)
     for i in range(len(dataset)):
         pred = np.asarray(Image.open(tmp_path / "masks" / "labels" / f"{dataset.name(i)}.png")).astype(np.int64)
@@ -51,11 +46,11 @@ def test_checkpoint_alone_rebuilds_model_and_dataset(tmp_path, data_root, traine
     assert cm.compute("present")["mIoU"] == pytest.approx(record["mIoU"])
 
 
-def test_overrides_win_and_export_refuses_to_overwrite(tmp_path, data_root, trained):
+def test_overrides_win_and_export_refuses_to_overwrite(tmp_path, data_root, trained_last):
     masks = tmp_path / "masks"
     masks.mkdir()
     (masks / "keep.txt").write_text("mine")
-    proc = run_eval([f"checkpoint={trained}", f"hydra.run.dir={tmp_path / 'e'}", "eval.scales=null",
+    proc = run_eval([f"checkpoint={trained_last}", f"hydra.run.dir={tmp_path / 'e'}", "eval.scales=null",
                          "eval.flip=false", f"export.dir={masks}"], data_root, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "export.overwrite=true" in proc.stderr
     assert (masks / "keep.txt").read_text() == "mine"
@@ -69,14 +64,14 @@ def test_missing_checkpoint_is_a_message(tmp_path, data_root):
     assert "Traceback" not in proc.stderr
 
 
-def test_predict_a_folder_of_images(tmp_path, data_root, trained):
+def test_predict_a_folder_of_images(tmp_path, data_root, trained_last):
     photos = tmp_path / "photos" / "trip"
     photos.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name, size in (("a.jpg", (40, 30)), ("b.png", (24, 48))):
         Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(photos / name)
     out = tmp_path / "out"
-    proc = run_eval([f"checkpoint={trained}", f"predict.input={tmp_path / 'photos'}", f"export.dir={out}",
+    proc = run_eval([f"checkpoint={trained_last}", f"predict.input={tmp_path / 'photos'}", f"export.dir={out}",
                          f"hydra.run.dir={tmp_path / 'e'}", "eval.scales=null", "eval.flip=false"], data_root)
     assert "wrote predictions of 2 images" in proc.stdout
     label = np.asarray(Image.open(out / "labels" / "trip" / "b.png"))

@@ -22,6 +22,7 @@ from segkit.engine.resources import explain
 from segkit.engine.run_dir import read_metrics
 from segkit.errors import ConfigError
 from segkit.files import append_line
+from data_helpers import make_folder
 from train_helpers import ROOT, TINY, env, model_state, records, run
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -173,17 +174,8 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step(tmp_path, data_ro
 
 # -- errors on one rank -------------------------------------------------------------------------
 def _folder_dataset(root, corrupt_val):
-    from PIL import Image
-    import numpy as np
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 2)):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "masks" / split).mkdir(parents=True)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "images" / split / f"{i}.png")
-            Image.fromarray(rng.integers(0, 3, (32, 32), dtype=np.uint8)).save(root / "masks" / split / f"{i}.png")
-    (root / "images" / "val" / f"{corrupt_val}.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
-    (root / "classes.yaml").write_text("classes: [sky, road, car]\n")
+    make_folder(root, counts={"train": 8, "val": 2}, size=(32, 32))
+    (root / "images" / "val" / f"img{corrupt_val}.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     return [a for a in TINY if "dataset" not in a] + [
         "dataset=folder", f"dataset.root={root}", "dataset.base_size=32", "dataset.crop_size=32"]
 
@@ -193,7 +185,7 @@ def test_corrupt_image_read_by_rank_1_is_one_line_naming_it(tmp_path, data_root)
     args = _folder_dataset(tmp_path / "mine", corrupt_val=1) + ["train.iters=2", "train.val_every=2"]
     proc = run(args + [f"hydra.run.dir={tmp_path / 'r'}"], data_root, nproc=2, check=False)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith("error: [rank 1] ") and "val/1.png" in errors[0], proc.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("error: [rank 1] ") and "val/img1.png" in errors[0], proc.stderr[-3000:]
     assert "cannot decode image" in errors[0]
     assert not rank_tracebacks(proc.stderr), proc.stderr[-3000:]
     assert "Connection closed by peer" not in proc.stderr and "gloo" not in proc.stderr

@@ -24,11 +24,6 @@ def data_root(shared_data_root):
     return shared_data_root
 
 
-@pytest.fixture(scope="module")
-def trained(trained_run):
-    return trained_run / "best.pt"
-
-
 
 
 def val_images(data_root):
@@ -37,10 +32,10 @@ def val_images(data_root):
 
 @pytest.mark.parametrize("tta, options", [(False, ["eval.scales=null", "eval.flip=false"]), (True, [])],
                          ids=["single-scale", "multi-scale+flip"])
-def test_predictor_gives_eval_seg_exported_labels(tmp_path, data_root, trained, tta, options):
+def test_predictor_gives_eval_seg_exported_labels(tmp_path, data_root, trained_best, tta, options):
     masks = tmp_path / "masks"
-    run_eval([f"checkpoint={trained}", f"hydra.run.dir={tmp_path / 'e'}", f"export.dir={masks}", *options], data_root)
-    predictor = Predictor.from_checkpoint(trained, device="cpu", tta=tta)
+    run_eval([f"checkpoint={trained_best}", f"hydra.run.dir={tmp_path / 'e'}", f"export.dir={masks}", *options], data_root)
+    predictor = Predictor.from_checkpoint(trained_best, device="cpu", tta=tta)
     assert predictor.scales == ((0.75, 1.0, 1.25) if tta else None) and predictor.flip is tta
     files = val_images(data_root)
     assert len(files) == 2
@@ -52,7 +47,7 @@ def test_predictor_gives_eval_seg_exported_labels(tmp_path, data_root, trained, 
 
     # eval_seg.py predict.input=DIR goes through the Predictor: the same labels again.
     out = tmp_path / "predicted"
-    proc = run_eval([f"checkpoint={trained}", f"hydra.run.dir={tmp_path / 'p'}", f"predict.input={files[0].parent}",
+    proc = run_eval([f"checkpoint={trained_best}", f"hydra.run.dir={tmp_path / 'p'}", f"predict.input={files[0].parent}",
                      f"export.dir={out}", *options], data_root)
     assert "wrote predictions of 2 images" in proc.stdout
     for f in files:
@@ -60,8 +55,8 @@ def test_predictor_gives_eval_seg_exported_labels(tmp_path, data_root, trained, 
                 == np.asarray(Image.open(masks / "labels" / f"{f.stem}.png"))).all()
 
 
-def test_every_input_kind_gives_the_same_prediction(data_root, trained):
-    predictor = Predictor.from_checkpoint(trained, device="cpu")
+def test_every_input_kind_gives_the_same_prediction(data_root, trained_best):
+    predictor = Predictor.from_checkpoint(trained_best, device="cpu")
     rgb = np.random.default_rng(0).integers(0, 256, (37, 45, 3), dtype=np.uint8)
     path = data_root.parent / "photo.png"
     Image.fromarray(rgb).save(path)
@@ -84,12 +79,12 @@ def test_every_input_kind_gives_the_same_prediction(data_root, trained):
     x = predictor.label_space.preprocess(torch.from_numpy(rgb))
     logits = predict_image(predictor.model, x, pad_value=predictor.label_space.preprocess.pad_value)
     assert np.allclose(probs, logits.softmax(0).numpy(), atol=1e-6)
-    tta = Predictor.from_checkpoint(trained, device="cpu", tta=[0.5, 1.0]).predict(rgb, probabilities=True)
+    tta = Predictor.from_checkpoint(trained_best, device="cpu", tta=[0.5, 1.0]).predict(rgb, probabilities=True)
     assert np.allclose(tta.probabilities.sum(0), 1, atol=1e-5) and (tta.probabilities.argmax(0) == tta.labels).all()
 
 
-def test_prediction_draws_and_saves_like_the_exporter(tmp_path, trained):
-    predictor = Predictor.from_checkpoint(trained, device="cpu")
+def test_prediction_draws_and_saves_like_the_exporter(tmp_path, trained_best):
+    predictor = Predictor.from_checkpoint(trained_best, device="cpu")
     rgb = np.random.default_rng(1).integers(0, 256, (24, 40, 3), dtype=np.uint8)
     prediction = predictor.predict(rgb)
     assert prediction.classes[0] == "plain" and prediction.palette.shape == (7, 3)
@@ -118,13 +113,13 @@ def test_prediction_draws_and_saves_like_the_exporter(tmp_path, trained):
     (torch.full((3, 8, 8), float("nan")), ValueError, "values 0..1"),
     (42, ValueError, "cannot predict a int"),
 ])
-def test_bad_inputs_raise_clear_errors(trained, bad, error, message):
+def test_bad_inputs_raise_clear_errors(trained_best, bad, error, message):
     with pytest.raises(error, match=message):
-        Predictor.from_checkpoint(trained, device="cpu").predict(bad)
+        Predictor.from_checkpoint(trained_best, device="cpu").predict(bad)
 
 
-def test_unreadable_or_deep_images_are_data_errors(tmp_path, trained):
-    predictor = Predictor.from_checkpoint(trained, device="cpu")
+def test_unreadable_or_deep_images_are_data_errors(tmp_path, trained_best):
+    predictor = Predictor.from_checkpoint(trained_best, device="cpu")
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     Image.fromarray(np.zeros((8, 8), np.uint16)).save(tmp_path / "deep.png")
     with pytest.raises(DataError, match="broken.jpg: cannot decode image"):
@@ -134,16 +129,16 @@ def test_unreadable_or_deep_images_are_data_errors(tmp_path, trained):
     with pytest.raises(DataError, match="missing.png"):
         predictor.predict(tmp_path / "missing.png")
     with pytest.raises(ValueError, match="tta must be"):
-        Predictor.from_checkpoint(trained, device="cpu", tta=[])
+        Predictor.from_checkpoint(trained_best, device="cpu", tta=[])
 
 
-def test_bad_images_in_predict_input_are_one_line_errors(tmp_path, data_root, trained):
+def test_bad_images_in_predict_input_are_one_line_errors(tmp_path, data_root, trained_best):
     for name, write in (("broken.jpg", lambda p: p.write_bytes(b"not a jpeg")),
                         ("deep.png", lambda p: Image.fromarray(np.zeros((8, 8), np.uint16)).save(p))):
         photos = tmp_path / name.split(".")[0]
         photos.mkdir()
         write(photos / name)
-        proc = run_eval([f"checkpoint={trained}", f"predict.input={photos}", f"export.dir={tmp_path / name}",
+        proc = run_eval([f"checkpoint={trained_best}", f"predict.input={photos}", f"export.dir={tmp_path / name}",
                          f"hydra.run.dir={tmp_path / 'e'}", "eval.scales=null"], data_root, check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert proc.stderr.strip().count("\n") == 0 and name in proc.stderr
@@ -186,14 +181,14 @@ def test_folder_checkpoint_predicts_after_its_data_root_is_deleted(tmp_path, dat
         Predictor.from_checkpoint(tmp_path / "old.pt", device="cpu")
 
 
-def test_older_checkpoints_take_the_built_in_label_space(tmp_path, trained):
-    saved = torch.load(trained, weights_only=True)
+def test_older_checkpoints_take_the_built_in_label_space(tmp_path, trained_best):
+    saved = torch.load(trained_best, weights_only=True)
     assert LabelSpace.from_dict(saved["label_space"]).submission_values == tuple(range(7))
     del saved["label_space"]
     torch.save(saved, tmp_path / "old.pt")
     assert load_model(tmp_path / "old.pt").label_space is None
     old = Predictor.from_checkpoint(tmp_path / "old.pt", device="cpu")
-    new = Predictor.from_checkpoint(trained, device="cpu")
+    new = Predictor.from_checkpoint(trained_best, device="cpu")
     assert old.label_space == new.label_space
     rgb = np.random.default_rng(3).integers(0, 256, (20, 20, 3), dtype=np.uint8)
     assert (old.predict(rgb).labels == new.predict(rgb).labels).all()

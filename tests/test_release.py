@@ -23,11 +23,6 @@ def data_root(shared_data_root):
     return shared_data_root
 
 
-@pytest.fixture(scope="module")
-def trained(trained_run):
-    return trained_run / "best.pt"
-
-
 def cli(script, args, data_root, check=True):
     proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env(data_root),
                           capture_output=True, text=True, timeout=600)
@@ -45,14 +40,14 @@ def one_line_error(proc, *fragments):
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory, data_root, trained):
+def release(tmp_path_factory, data_root, trained_best):
     out = tmp_path_factory.mktemp("release") / "model"
-    proc = cli("export_model.py", [f"checkpoint={trained}", f"out={out}"], data_root)
+    proc = cli("export_model.py", [f"checkpoint={trained_best}", f"out={out}"], data_root)
     assert "wrote release" in proc.stdout
     return out
 
 
-def test_release_round_trip_without_pickle(tmp_path, data_root, trained, release):
+def test_release_round_trip_without_pickle(tmp_path, data_root, trained_best, release):
     assert sorted(p.name for p in release.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     for path in release.iterdir():
         data = path.read_bytes()
@@ -62,9 +57,9 @@ def test_release_round_trip_without_pickle(tmp_path, data_root, trained, release
 
     meta = json.loads((release / "config.json").read_text())
     assert meta["format"] == "segkit-pretrained" and meta["label_space"]["classes"][0] == "plain"
-    assert meta["source"]["sha256"] == sha256_file(trained) and meta["source"]["iteration"] == 2
+    assert meta["source"]["sha256"] == sha256_file(trained_best) and meta["source"]["iteration"] == 2
     card = (release / "README.md").read_text()
-    for fact in ("resnest14", "demo, 7 classes", "training iterations | 2", sha256_file(trained), "mIoU",
+    for fact in ("resnest14", "demo, 7 classes", "training iterations | 2", sha256_file(trained_best), "mIoU",
                  "horizontal stripes"):
         assert fact in card, fact
 
@@ -74,10 +69,10 @@ def test_release_round_trip_without_pickle(tmp_path, data_root, trained, release
     rgb = np.random.default_rng(0).integers(0, 256, (37, 45, 3), dtype=np.uint8)
     for tta in (False, True):
         ours = Predictor.from_pretrained(copy, device="cpu", tta=tta).predict(rgb, probabilities=True)
-        theirs = Predictor.from_checkpoint(trained, device="cpu", tta=tta).predict(rgb, probabilities=True)
+        theirs = Predictor.from_checkpoint(trained_best, device="cpu", tta=tta).predict(rgb, probabilities=True)
         assert (ours.labels == theirs.labels).all() and np.array_equal(ours.probabilities, theirs.probabilities)
     state = load_model(copy).state
-    assert all(torch.equal(v, torch.load(trained, weights_only=True)["model"][k]) for k, v in state.items())
+    assert all(torch.equal(v, torch.load(trained_best, weights_only=True)["model"][k]) for k, v in state.items())
 
     # eval_seg.py takes a release directory as its checkpoint (no training config needed).
     photos = tmp_path / "photos"
@@ -119,21 +114,21 @@ def test_weights_of_another_release_are_refused(tmp_path, release):
         Predictor.from_pretrained(other / "config.json")
 
 
-def test_export_refuses_a_non_empty_directory_and_unknown_formats(tmp_path, data_root, trained):
+def test_export_refuses_a_non_empty_directory_and_unknown_formats(tmp_path, data_root, trained_best):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    proc = cli("export_model.py", [f"checkpoint={trained}", f"out={out}"], data_root, check=False)
+    proc = cli("export_model.py", [f"checkpoint={trained_best}", f"out={out}"], data_root, check=False)
     one_line_error(proc, f"out={out} is not empty", "overwrite=true")
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    cli("export_model.py", [f"checkpoint={trained}", f"out={out}", "overwrite=true"], data_root)
+    cli("export_model.py", [f"checkpoint={trained_best}", f"out={out}", "overwrite=true"], data_root)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
 
-    proc = cli("export_model.py", [f"checkpoint={trained}", f"out={tmp_path / 'x'}", "format=tflite"], data_root,
+    proc = cli("export_model.py", [f"checkpoint={trained_best}", f"out={tmp_path / 'x'}", "format=tflite"], data_root,
                check=False)
     one_line_error(proc, "format='tflite' is invalid", "pretrained, onnx, torchscript, exported_program")
-    proc = cli("export_model.py", [f"checkpoint={trained}"], data_root, check=False)
+    proc = cli("export_model.py", [f"checkpoint={trained_best}"], data_root, check=False)
     one_line_error(proc, "out=...")
 
 

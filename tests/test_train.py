@@ -12,6 +12,7 @@ from segkit.checkpoint import load_training, restore_model
 from segkit.errors import CheckpointError
 from segkit.models.resnest import create_backbone
 from segkit.models.segmentor import Segmentor
+from data_helpers import make_folder
 from train_helpers import ROOT, TINY, env, model_state, records, run
 
 
@@ -149,17 +150,7 @@ def test_resume_auto_starts_fresh_then_continues(tmp_path, data_root):
 
 
 def test_folder_dataset_takes_its_class_count_from_classes_yaml(tmp_path, data_root):
-    from PIL import Image
-    import numpy as np
-    root = tmp_path / "mine"
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 2)):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "masks" / split).mkdir(parents=True)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "images" / split / f"{i}.png")
-            Image.fromarray(rng.integers(0, 3, (32, 32), dtype=np.uint8)).save(root / "masks" / split / f"{i}.png")
-    (root / "classes.yaml").write_text("classes: [sky, road, car]\n")
+    root = make_folder(tmp_path / "mine", counts={"train": 8, "val": 2}, size=(32, 32))
     folder = [a for a in TINY if "dataset" not in a] + [
         "dataset=folder", f"dataset.root={root}", "dataset.base_size=32", "dataset.crop_size=32",
         "train.iters=1", "train.val_every=100", f"hydra.run.dir={tmp_path / 'r'}"]
