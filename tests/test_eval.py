@@ -19,8 +19,6 @@ def data_root(shared_data_root):
     return shared_data_root
 
 
-
-
 def test_checkpoint_alone_rebuilds_model_and_dataset(tmp_path, data_root, trained_last):
     out = tmp_path / "eval"
     proc = run_eval([f"checkpoint={trained_last}", f"hydra.run.dir={out}", "eval.scales=[0.75,1.0]",

@@ -24,8 +24,6 @@ def data_root(shared_data_root):
     return shared_data_root
 
 
-
-
 def val_images(data_root):
     return sorted((data_root / DEMO_VAL).glob("*.jpg"))
 
