@@ -198,6 +198,8 @@ class Trainer:
         self.is_main = distributed.is_main_process()
         self.lock: RunLock | None = None
         self.records: RunRecords | None = None
+        # Written into every checkpoint, so that it predicts without the dataset.
+        self.label_space = LabelSpace.from_dataset(parts.val_set, self.job.dataset)
         self.stop = StopSignals()
         # The iteration run_dir/last.pt holds, for the messages that send the user back to it.
         resumed_from = resolve_resume(self.job.resume, self.run_dir)
@@ -234,7 +236,7 @@ class Trainer:
             checkpoint.save(checkpoint.training_record(
                 _unwrap(self.model).state_dict(), iteration, self.config, optimizer=p.optimizer.state_dict(),
                 scheduler=p.scheduler.state_dict(), scaler=p.scaler.state_dict(), best_miou=p.best_miou, rng=rng,
-                label_space=LabelSpace.from_dataset(p.val_set, self.job.dataset)),
+                label_space=self.label_space),
                 self.run_dir / "last.pt")
         self.last_saved = iteration
 
@@ -266,8 +268,7 @@ class Trainer:
             self.parts.best_miou = metrics["mIoU"]
             if self.is_main:
                 checkpoint.save(checkpoint.model_record(_unwrap(self.model).state_dict(), iteration, self.config,
-                                                        summary, label_space=LabelSpace.from_dataset(
-                                                            self.parts.val_set, self.job.dataset)),
+                                                        summary, label_space=self.label_space),
                                 self.run_dir / "best.pt")
         return summary
 
