@@ -168,7 +168,9 @@ class TrainSettings:
     amp: Optional[str] = setting(None, choices=AMP_CHOICES)
     channels_last: bool = False
     compile: bool = False
-    grad_checkpointing: bool = False
+    # Both recompute in backward for less memory, with the same gradients; off, as the original.
+    selective_recompute: bool = setting(False, doc="keep conv outputs, recompute BN/ReLU/attention in backward")
+    grad_checkpointing: bool = setting(False, doc="recompute whole blocks and heads in backward")
     sync_bn: bool = True
     log_every: int = setting(20, ge=1)
     val_every: Optional[int] = setting(None, ge=1)

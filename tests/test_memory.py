@@ -35,9 +35,10 @@ class _Peer(nn.Module):
         return {"out": self.net(x)}
 
 
-def _segkit(checkpointed):
+def _segkit(mode):
     model = Segmentor(create_backbone("resnest14", output_stride=8), 7)
-    model.set_grad_checkpointing(checkpointed)
+    model.set_grad_checkpointing(mode == "full")
+    model.set_selective_recompute(mode == "selective")
     return model
 
 
@@ -49,9 +50,10 @@ def _peer_loss(out, masks):
     return F.cross_entropy(out["out"], masks, ignore_index=255)
 
 
-@pytest.mark.parametrize("stack, criterion", [(lambda: _segkit(False), _segkit_loss),
-                                              (lambda: _segkit(True), _segkit_loss), (_Peer, _peer_loss)],
-                         ids=["segkit", "segkit-checkpointed", "peer"])
+@pytest.mark.parametrize("stack, criterion", [(lambda: _segkit("none"), _segkit_loss),
+                                              (lambda: _segkit("selective"), _segkit_loss),
+                                              (lambda: _segkit("full"), _segkit_loss), (_Peer, _peer_loss)],
+                         ids=["segkit", "segkit-selective", "segkit-checkpointed", "peer"])
 @pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
 def test_fake_tensors_save_what_the_real_run_saves(stack, criterion, amp):
     def build():

@@ -164,6 +164,7 @@ def build_training(job: TrainJob, run_dir: Path) -> TrainingParts:
     job = _resolve_class_weights(job, train_set, ckpt)
     model = build_segmentor(job.backbone, job.model, job.dataset.num_classes, load_weights=ckpt is None)
     model.set_grad_checkpointing(t.grad_checkpointing)
+    model.set_selective_recompute(t.selective_recompute)
     if ckpt is not None:
         checkpoint.restore_model(model, ckpt["model"], resume_path, ckpt.get("config"), job.backbone.name,
                                  job.dataset.num_classes)

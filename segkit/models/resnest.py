@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segkit.models.checkpointing import checkpointed
+from segkit.models.checkpointing import recomputed
 from segkit.models.norm import NormLayer, norm_pooled
 
 
@@ -128,8 +128,8 @@ class Bottleneck(nn.Module):
         if getattr(self.bn3, "weight", None) is not None:
             nn.init.zeros_(self.bn3.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual branch up to conv3's output (bn3 is applied by :meth:`merge`)."""
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         if self.avd_layer is not None and self.avd_first:
             out = self.avd_layer(out)
@@ -138,8 +138,15 @@ class Bottleneck(nn.Module):
             out = F.relu(self.bn2(out), inplace=True)
         if self.avd_layer is not None and not self.avd_first:
             out = self.avd_layer(out)
-        out = self.bn3(self.conv3(out))
-        return F.relu(out + shortcut, inplace=True)
+        return self.conv3(out)
+
+    def merge(self, branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The block's output from its branch's output and its input."""
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(self.bn3(branch) + shortcut, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.merge(self.branch(x), x)
 
 
 # Dilation of the last two stages per output stride: (stride, dilation, first-block dilation).
@@ -172,6 +179,7 @@ class ResNeSt(nn.Module):
             raise ValueError(f"output_stride must be one of {sorted(_DILATED_STAGES)}, got {output_stride!r}")
         self.output_stride = output_stride
         self.grad_checkpointing = False
+        self.selective_recompute = False
         self.inplanes = 2 * stem_width
         self._block_args = dict(radix=radix, cardinality=cardinality, bottleneck_width=bottleneck_width,
                                 avd=avd, avd_first=avd_first, norm_layer=norm_layer)
@@ -222,25 +230,38 @@ class ResNeSt(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the stem and each block in backward instead of keeping their activations
         (only while gradients are computed): the memory of a training forward drops to the
-        blocks' inputs, for one more forward per step (see :mod:`segkit.models.checkpointing`)."""
+        blocks' inputs, for one more forward per step (see :mod:`segkit.models.checkpointing`).
+        Takes precedence over :meth:`set_selective_recompute`."""
         self.grad_checkpointing = enable
+
+    def set_selective_recompute(self, enable: bool = True) -> None:
+        """Keep only the convolutions' outputs of the stem and each block for backward, and
+        recompute the BatchNorm, ReLU, pooling and attention outputs between them there (see
+        :mod:`segkit.models.checkpointing`): the same gradients, about a quarter less memory."""
+        self.selective_recompute = enable
+
+    @property
+    def recompute_mode(self) -> str:
+        return "full" if self.grad_checkpointing else "selective" if self.selective_recompute else "none"
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
-    def _stage(self, layer: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        # Block by block: checkpointing a whole stage would bring all of its activations back at
-        # once in backward (23 blocks in ResNeSt-101's third stage).
-        for block in layer:
-            x = checkpointed(block, x)
-        return x
-
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        recompute = self.grad_checkpointing and torch.is_grad_enabled()
-        x = checkpointed(self._stem, x, state=(self.conv1, self.bn1)) if recompute else self._stem(x)
+        mode = self.recompute_mode
+        x = recomputed(self._stem, x, mode=mode, state=(self.conv1, self.bn1))
         features = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = self._stage(layer, x) if recompute else layer(x)
+            # Block by block: recomputing a whole stage would bring all of its activations back at
+            # once in backward (23 blocks in ResNeSt-101's third stage).
+            for block in layer:
+                if mode == "selective":
+                    # bn3, the shortcut and the last ReLU stay outside: their input and output are
+                    # kept anyway (conv3's output, the block's input and output), so recomputing
+                    # them would save nothing.
+                    x = block.merge(recomputed(block.branch, x, mode=mode, state=(block,)), x)
+                else:
+                    x = recomputed(block, x, mode=mode)
             features.append(x)
         return features
 

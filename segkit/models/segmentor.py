@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segkit.models.checkpointing import checkpointed
+from segkit.models.checkpointing import recomputed
 from segkit.models.heads import ASPP_RATES, DeepLabV3Head, FCNHead
 from segkit.models.norm import get_norm_layer
 from segkit.models.pretrained import load_pretrained
@@ -38,17 +38,22 @@ class Segmentor(nn.Module):
         self.head = DeepLabV3Head(c4_channels, num_classes, backbone.output_stride, norm_layer, channels,
                                   aspp_dropout, dropout)
         self.aux_head = FCNHead(c3_channels, num_classes, norm_layer, channels, aux_dropout) if aux else None
-        self.grad_checkpointing = False
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing of the backbone (stem and every block) and of both heads: the
         same outputs, gradients and BatchNorm statistics, with the activations recomputed in
-        backward instead of kept (see :mod:`segkit.models.checkpointing`)."""
-        self.grad_checkpointing = enable
+        backward instead of kept (see :mod:`segkit.models.checkpointing`). Takes precedence over
+        :meth:`set_selective_recompute`."""
         self.backbone.set_grad_checkpointing(enable)
 
+    def set_selective_recompute(self, enable: bool = True) -> None:
+        """Selective recomputation in the backbone (stem and every block) and both heads: the
+        convolutions' outputs are kept, the cheap operations between them recomputed in backward;
+        the same outputs, gradients and BatchNorm statistics (see :mod:`segkit.models.checkpointing`)."""
+        self.backbone.set_selective_recompute(enable)
+
     def _head(self, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return checkpointed(head, x) if self.grad_checkpointing and torch.is_grad_enabled() else head(x)
+        return recomputed(head, x, mode=self.backbone.recompute_mode)
 
     def _upsample(self, logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
         # NCHW logits whatever the model's memory format: the softmax / cross-entropy over classes
