@@ -72,19 +72,22 @@ class PeerDeepLabV3(nn.Module):
 
 
 STACKS = ("segkit", "segkit_noaux", "peer")
-#: Also timed in training, reported as the cost of checkpointing rather than as a stack.
-CHECKPOINTED = "segkit_ckpt"
+#: Also timed in training, reported as the cost of their recomputation rather than as stacks:
+#: the recipe's model with train.selective_recompute=true / train.grad_checkpointing=true.
+SELECTIVE, CHECKPOINTED = "segkit_selective", "segkit_ckpt"
+RECOMPUTED = {SELECTIVE: "selective", CHECKPOINTED: "full"}
 
 
 def new_model(stack: str, backbone: str, classes: int, output_stride: int) -> nn.Module:
     """``segkit``: the recipe's model (with the aux FCN head); ``segkit_noaux``: the same without
-    it, which is smp's DeepLabV3 layout; ``segkit_ckpt``: the recipe's model with
-    ``train.grad_checkpointing=true``; ``peer``: smp on timm (``peer_ckpt``: with timm's own
-    checkpointing of the encoder stages)."""
+    it, which is smp's DeepLabV3 layout; ``segkit_selective`` / ``segkit_ckpt``: the recipe's model
+    with ``train.selective_recompute=true`` / ``train.grad_checkpointing=true``; ``peer``: smp on
+    timm (``peer_ckpt``: with timm's own checkpointing of the encoder stages)."""
     if stack.startswith("segkit"):
         model = Segmentor(create_backbone(backbone, output_stride=output_stride), classes,
                           aux=stack != "segkit_noaux")
         model.set_grad_checkpointing(stack == CHECKPOINTED)
+        model.set_selective_recompute(stack == SELECTIVE)
         return model
     model = PeerDeepLabV3(backbone, classes, output_stride)
     model.net.encoder.model.set_grad_checkpointing(stack == "peer_ckpt")
@@ -342,7 +345,6 @@ def utilisation(results: dict, args: argparse.Namespace) -> dict:
     peaks = results["peak_gflops"]
     g, train = results["gflops_per_image"], results["train_img_per_s"]
     single, ms = results["infer_single_img_per_s"], results["infer_msflip_s_per_img"]
-    ckpt = results["grad_checkpointing"]
     rows = {}
 
     def add(name: str, gflops: float, precision: str, vs_peer: float) -> None:
@@ -351,9 +353,10 @@ def utilisation(results: dict, args: argparse.Namespace) -> dict:
 
     for s in STACKS:
         add(f"train {s}", g[s]["train_step"] * train[s], amp, train[s] / train["peer"])
-    # Useful FLOPs only: the recomputation is the cost of checkpointing, not work done.
-    add(f"train {CHECKPOINTED}", g["segkit"]["train_step"] * args.batch / ckpt["step_s"]["on"], amp,
-        args.batch / ckpt["step_s"]["on"] / train["peer"])
+    # Useful FLOPs only: the recomputation is the cost of the memory saved, not work done.
+    for s, r in results["recomputation"].items():
+        add(f"train {s}", g["segkit"]["train_step"] * args.batch / r["step_s"], amp,
+            args.batch / r["step_s"] / train["peer"])
     flops = results["gflop_per_call"]
     for s, rate in single.items():
         add(f"infer single {s}", flops["single"]["peer" if s == "peer" else "segkit"] * rate,
@@ -366,7 +369,7 @@ def utilisation(results: dict, args: argparse.Namespace) -> dict:
 
 def activation_memory(args: argparse.Namespace) -> dict:
     """Bytes saved for backward per training image (bench/memory.py), fp32 and bf16 autocast."""
-    stacks = ("segkit", CHECKPOINTED, "segkit_noaux", "peer", "peer_ckpt")
+    stacks = ("segkit", SELECTIVE, CHECKPOINTED, "segkit_noaux", "peer", "peer_ckpt")
     gib: dict = {s: {} for s in stacks}
     params: dict = {s: {} for s in stacks}
     for stack in stacks:
@@ -430,16 +433,16 @@ def run(args: argparse.Namespace) -> dict:
     results: dict = {"cpu": cpu_info()}
     precisions = dict.fromkeys(("fp32", "bf16", args.amp or "fp32"))
     results["peak_gflops"] = {p: peak_gflops(args.device, DTYPES[p], args.peak_budget) for p in precisions}
-    models = {s: build(s, args) for s in (*STACKS, CHECKPOINTED)}
+    models = {s: build(s, args) for s in (*STACKS, *RECOMPUTED)}
 
     t = interleave({s: train_step(m, s, args) for s, m in models.items()}, args.rounds, args.warmup, args.device)
     step_s = {s: statistics.median(v) for s, v in t.items()}
-    checkpointed = step_s.pop(CHECKPOINTED)
+    recomputed = {s: step_s.pop(s) for s in RECOMPUTED}
+    results["recomputation"] = {s: {"step_s": v, "step_time_ratio": v / step_s["segkit"]} for s, v in recomputed.items()}
     results["train_step_s_median"] = step_s
     results["train_img_per_s"] = {s: args.batch / v for s, v in step_s.items()}
-    results["grad_checkpointing"] = {"step_s": {"off": step_s["segkit"], "on": checkpointed},
-                                     "step_time_ratio": checkpointed / step_s["segkit"]}
-    del models[CHECKPOINTED]
+    for s in RECOMPUTED:
+        del models[s]
 
     results.update(measure_inference(models["segkit"], models["peer"], args))
     results["predictor_single_s_per_img"] = measure_predictor(models["segkit"], args)
@@ -454,7 +457,7 @@ def run(args: argparse.Namespace) -> dict:
             s: results["gflops_per_image"][s]["train_step"] * results["train_img_per_s"][s] / 1e3 / peak
             for s in models}
     del models
-    results["peak_memory_mb"] = {s: peak_memory_mb(s, args) for s in (*STACKS, CHECKPOINTED)}
+    results["peak_memory_mb"] = {s: peak_memory_mb(s, args) for s in (*STACKS, *RECOMPUTED)}
     results["activation_memory"] = activation_memory(args)
     if args.data:
         results["loader_img_per_s"] = loader_images_per_s(args)
@@ -485,6 +488,7 @@ def table(results: dict) -> str:
         lines.append(row("  segkit eval.dtype=bf16 vs naive (fp32)", "infer_msflip_s_per_img", "segkit_bf16", "naive"))
     lines += [row("peak train memory MB: segkit vs peer", "peak_memory_mb", "segkit", "peer"),
               row("peak train memory MB: without aux vs peer", "peak_memory_mb", "segkit_noaux", "peer"),
+              row("peak train memory MB: selective recompute vs peer", "peak_memory_mb", SELECTIVE, "peer"),
               row("peak train memory MB: checkpointed vs peer", "peak_memory_mb", CHECKPOINTED, "peer")]
     g = results["gflops_per_image"]
     for kind in ("forward", "train_step"):
@@ -494,9 +498,10 @@ def table(results: dict) -> str:
         lines.append(f"multi-scale + flip, {variant} vs naive loop: speed-up {ms['naive'] / ms[variant]:.2f}x, "
                      f"max |diff| {agree['max_abs_diff']:.1e}, argmax agreement {agree['argmax_agreement']:.4%} "
                      f"({results['msflip_max_batch']} windows per forward)")
-    ckpt = results["grad_checkpointing"]
-    lines.append(f"train.grad_checkpointing=true: step {ckpt['step_s']['on']:.3f} s vs {ckpt['step_s']['off']:.3f} s "
-                 f"({ckpt['step_time_ratio']:.2f}x the step time)")
+    for s, r in results["recomputation"].items():
+        option = "selective_recompute" if RECOMPUTED[s] == "selective" else "grad_checkpointing"
+        lines.append(f"train.{option}=true: step {r['step_s']:.3f} s vs {results['train_step_s_median']['segkit']:.3f} s "
+                     f"({r['step_time_ratio']:.2f}x the step time)")
     if "train_fraction_of_peak" in results:
         f = results["train_fraction_of_peak"]
         lines.append(f"training step at {f['segkit']:.1%} (segkit) / {f['peer']:.1%} (peer) of the measured "
@@ -523,7 +528,7 @@ def limits_table(results: dict) -> str:
         lines.append(f"{name:40s} {r['precision']:>9s} {r['gflop_per_s']:9.1f} {r['fraction_of_peak']:8.1%} "
                      f"{r['vs_peer']:7.2f}x")
     lines.append("(vs peer: training and single scale against smp/timm, multi-scale + flip against the naive "
-                 "loop; checkpointed training counts its useful FLOPs only)")
+                 "loop; training with recomputation counts its useful FLOPs only)")
     return "\n".join(lines)
 
 
@@ -579,7 +584,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="JSON file (default: bench/results/<device>-<backbone>-<time>.json)")
     p.add_argument("--predictor-only", action="store_true",
                    help="measure only segkit.Predictor against the evaluator's single-scale path")
-    p.add_argument("--peak-rss-child", choices=(*STACKS, CHECKPOINTED), help=argparse.SUPPRESS)
+    p.add_argument("--peak-rss-child", choices=(*STACKS, *RECOMPUTED), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.memory_backbone = args.memory_backbone or args.backbone
     args.memory_size = args.memory_size or args.size

@@ -1,8 +1,11 @@
 """Training loss: cross-entropy on the main and auxiliary logits, plus optional smp losses.
 
 The model output is ``{"out": logits}`` with ``"aux"`` added while training (segkit's Segmentor), or
-a plain logits tensor (e.g. an smp model). Pixels labelled ``ignore_index`` contribute nothing; a
-crop made only of them gives a loss of 0 with zero gradients, where ``F.cross_entropy`` returns NaN.
+a plain logits tensor (e.g. an smp model). Logits smaller than the target (segkit's Segmentor trains
+at its heads' resolution) are upsampled to it bilinearly here, inside the cross-entropy, which keeps
+the small logits for backward and upsamples them again there, rather than keeping full-resolution
+150-class logits per head. Pixels labelled ``ignore_index`` contribute nothing; a crop made only of
+them gives a loss of 0 with zero gradients, where ``F.cross_entropy`` returns NaN.
 
 Class imbalance:
 
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segkit.errors import ConfigError
+from segkit.models.segmentor import resize_logits
 
 if TYPE_CHECKING:
     from segkit.data.base import SegmentationDataset
@@ -75,53 +79,66 @@ def _pixel_weights(target: torch.Tensor, valid: torch.Tensor, weight: torch.Tens
 
 
 class _PixelCrossEntropy(torch.autograd.Function):
-    """``-log softmax(logits)[target]`` per pixel (B x H x W; 0 where ``target`` is ``ignore_index``),
-    computed in float32 for bf16/fp16 logits (as autocast runs ``F.cross_entropy``).
+    """``-log softmax(resize(logits))[target]`` per pixel (B x H x W; 0 where ``target`` is
+    ``ignore_index``), computed in float32 for bf16/fp16 logits (as autocast runs ``F.cross_entropy``);
+    ``resize`` is :func:`resize_logits` to the target's size (nothing when the sizes match).
 
     ``F.cross_entropy`` keeps its float32 log-probabilities for backward: at 150 classes and full
     resolution that is the largest single activation of a training step, and under bf16 autocast
-    twice the size of the bf16 logits it came from. Backward needs only ``softmax(logits)``, so
-    this keeps the logits as they came (bf16 under autocast) and one log-sum-exp per pixel.
+    twice the size of the bf16 logits it came from. Backward needs only ``softmax(resize(logits))``,
+    so this keeps the logits as they came (bf16 under autocast, at the model's resolution) and one
+    log-sum-exp per pixel, and resizes them again in backward.
     """
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                align_corners: bool) -> torch.Tensor:
         valid = target != ignore_index
         index = target.masked_fill(~valid, 0).unsqueeze(1)
         with torch.autocast(logits.device.type, enabled=False):
-            x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            x = resize_logits(logits, target.shape[-2:], align_corners)
+            x = x.to(torch.promote_types(x.dtype, torch.float32))
             picked = x.gather(1, index)
             log_p = F.log_softmax(x, dim=1).gather(1, index)
         ctx.save_for_backward(logits, (picked - log_p).squeeze(1), target)
-        ctx.ignore_index = ignore_index
+        ctx.ignore_index, ctx.align_corners = ignore_index, align_corners
         return torch.where(valid, -log_p.squeeze(1), 0.0)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         logits, lse, target = ctx.saved_tensors
         valid = target != ctx.ignore_index
         index = target.masked_fill(~valid, 0).unsqueeze(1)
-        probs = logits.to(lse.dtype, copy=True).sub_(lse.unsqueeze(1)).exp_()  # softmax
+        with torch.enable_grad():
+            small = logits.detach().requires_grad_()
+            resized = resize_logits(small, target.shape[-2:], ctx.align_corners)
+        probs = resized.detach().to(lse.dtype, copy=True).sub_(lse.unsqueeze(1)).exp_()  # softmax
         probs.scatter_add_(1, index, torch.full(index.shape, -1.0, dtype=probs.dtype, device=probs.device))
         probs.mul_(torch.where(valid, grad, 0.0).unsqueeze(1))
-        return probs.to(logits.dtype), None, None
+        probs = probs.to(logits.dtype)
+        if resized is small:
+            return probs, None, None, None
+        return torch.autograd.grad(resized, small, probs)[0], None, None, None
 
 
-def pixel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+def pixel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255,
+                        align_corners: bool = True) -> torch.Tensor:
     """Per-pixel cross-entropy (B x H x W, at least float32), 0 on pixels labelled ``ignore_index``:
-    the values of ``F.cross_entropy(reduction="none")``, with less kept for backward (see
+    the values of ``F.cross_entropy(reduction="none")`` on the logits resized bilinearly to the
+    target's size (with ``align_corners``) when they are smaller, with less kept for backward (see
     :class:`_PixelCrossEntropy`)."""
-    return _PixelCrossEntropy.apply(logits, target, ignore_index)
+    return _PixelCrossEntropy.apply(logits, target, ignore_index, align_corners)
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255,
-                  weight: torch.Tensor | None = None) -> torch.Tensor:
+                  weight: torch.Tensor | None = None, align_corners: bool = True) -> torch.Tensor:
     """Mean cross-entropy over the pixels not labelled ``ignore_index``; 0 when there are none.
+    Logits smaller than ``target`` are resized to it first (see :func:`pixel_cross_entropy`).
 
     With ``weight`` (one per class) it is the weighted mean ``sum w[y] * nll / sum w[y]``, as
     ``F.cross_entropy(weight=weight, reduction="mean")``.
     """
-    nll = pixel_cross_entropy(logits, target, ignore_index)
+    nll = pixel_cross_entropy(logits, target, ignore_index, align_corners)
     if weight is None:
         # The mean of F.cross_entropy divides by this count (0 -> NaN); clamping keeps an all-ignored
         # batch at 0 without a host sync.
@@ -142,15 +159,17 @@ def _ohem_keep(nll: torch.Tensor, valid: torch.Tensor, thresh: float, min_kept: 
 
 
 def ohem_mask(logits: torch.Tensor, target: torch.Tensor, thresh: float, min_kept: int,
-              ignore_index: int = 255) -> torch.Tensor:
+              ignore_index: int = 255, align_corners: bool = True) -> torch.Tensor:
     """The pixels :func:`ohem_cross_entropy` keeps, as a boolean tensor shaped like ``target``."""
     with torch.no_grad():
+        logits = resize_logits(logits, target.shape[-2:], align_corners)
         nll = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
         return _ohem_keep(nll, target != ignore_index, thresh, min_kept)
 
 
 def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, thresh: float, min_kept: int,
-                       ignore_index: int = 255, weight: torch.Tensor | None = None) -> torch.Tensor:
+                       ignore_index: int = 255, weight: torch.Tensor | None = None,
+                       align_corners: bool = True) -> torch.Tensor:
     """Cross-entropy over the hard pixels of the batch (online hard example mining).
 
     With ``p`` the predicted probability of a pixel's true class, among the pixels not labelled
@@ -165,9 +184,10 @@ def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, thresh: float
     The loss is the mean over the kept pixels, weighted by ``weight`` like :func:`cross_entropy`:
     ``sum_kept w[y] * nll / sum_kept w[y]``; 0 when nothing is kept. The selection is not
     differentiated through. It uses only this batch: under DistributedDataParallel each rank selects
-    among its own pixels (as mmseg does), and DDP averages the per-rank gradients.
+    among its own pixels (as mmseg does), and DDP averages the per-rank gradients. Logits smaller than
+    ``target`` are resized to it first (see :func:`pixel_cross_entropy`).
     """
-    nll = pixel_cross_entropy(logits, target, ignore_index)
+    nll = pixel_cross_entropy(logits, target, ignore_index, align_corners)
     valid = target != ignore_index
     keep = _ohem_keep(nll.detach(), valid, thresh, min_kept)
     pixel_weight = keep.float() if weight is None else _pixel_weights(target, keep, weight)
@@ -235,6 +255,10 @@ class SegmentationLoss(nn.Module):
     head's cross-entropy by :func:`ohem_cross_entropy`; the auxiliary head keeps the plain (weighted)
     cross-entropy, as mmsegmentation's OHEM configs (the sampler is set on the decode head only).
     The extra smp losses get neither.
+
+    Logits smaller than the target are resized to it bilinearly with ``align_corners`` (the
+    model's setting): inside the cross-entropy (see :func:`pixel_cross_entropy`), and once more for
+    the extra losses, which take full-resolution logits.
     """
 
     class_weights: torch.Tensor | None
@@ -243,12 +267,13 @@ class SegmentationLoss(nn.Module):
                  extra: Sequence[Mapping[str, Any]] | None = None,
                  class_weights: Sequence[float] | None = None,
                  ohem: Ohem | Mapping[str, Any] | None = None,
-                 num_classes: int | None = None) -> None:
+                 num_classes: int | None = None, align_corners: bool = True) -> None:
         super().__init__()
         if aux_weight < 0:
             raise LossConfigError(f"aux_weight must be >= 0, got {aux_weight!r}")
         self.aux_weight = aux_weight
         self.ignore_index = ignore_index
+        self.align_corners = align_corners
         weights = None if class_weights is None else check_class_weights(class_weights, num_classes)
         # Not persistent: the weights come from the config (or its cache), not from a loss state.
         self.register_buffer("class_weights", None if weights is None else torch.tensor(weights),
@@ -296,16 +321,17 @@ class SegmentationLoss(nn.Module):
         logits = outputs["out"]
         weight = self._class_weights_for(logits)
         if self.ohem is None:
-            ce = cross_entropy(logits, target, self.ignore_index, weight)
+            ce = cross_entropy(logits, target, self.ignore_index, weight, self.align_corners)
         else:
             ce = ohem_cross_entropy(logits, target, self.ohem.thresh, self.ohem.min_kept,
-                                    self.ignore_index, weight)
+                                    self.ignore_index, weight, self.align_corners)
         parts = {"ce": ce}
         total = parts["ce"]
         if "aux" in outputs:
-            parts["aux"] = cross_entropy(outputs["aux"], target, self.ignore_index, weight)
+            parts["aux"] = cross_entropy(outputs["aux"], target, self.ignore_index, weight, self.align_corners)
             total = total + self.aux_weight * parts["aux"]
         if self.extra:
+            logits = resize_logits(logits, target.shape[-2:], self.align_corners)
             # smp's focal loss is NaN and its Lovasz loss not even a scalar when every pixel is
             # ignored; those batches get 0 here. (These losses sync with the host anyway.)
             has_valid = bool((target != self.ignore_index).any())

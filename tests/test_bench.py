@@ -38,16 +38,19 @@ def test_bench_script_writes_its_results(tmp_path):
     assert {p: set(v) >= {"matmul", "conv", "peak"} for p, v in results["peak_gflops"].items()} == \
         {"fp32": True, "bf16": True}
     rows = results["utilisation"]
-    assert {"train segkit", "train peer", "train segkit_ckpt", "infer single segkit", "infer single peer",
+    assert {"train segkit", "train peer", "train segkit_ckpt", "train segkit_selective", "infer single segkit", "infer single peer",
             "infer msflip segkit", "infer msflip naive"} <= set(rows)
     assert all(r["gflop_per_s"] > 0 and r["fraction_of_peak"] > 0 and r["vs_peer"] > 0 for r in rows.values())
     assert rows["train peer"]["vs_peer"] == 1 and rows["infer single segkit"]["precision"] == "fp32"
     assert "measured peak bf16: matmul" in proc.stdout and "of peak" in proc.stdout
     # Activation memory per training image, both precisions; checkpointing keeps a fraction of it.
     memory = results["activation_memory"]["gib_per_image"]
-    assert {"segkit", "segkit_ckpt", "peer", "peer_ckpt"} <= set(memory)
+    assert {"segkit", "segkit_selective", "segkit_ckpt", "peer", "peer_ckpt"} <= set(memory)
     for precision in ("fp32", "bf16"):
+        assert memory["segkit_ckpt"][precision] < memory["segkit_selective"][precision] < memory["segkit"][precision]
         assert memory["segkit_ckpt"][precision] < 0.5 * memory["segkit"][precision]
         assert memory["segkit"]["bf16"] < 0.6 * memory["segkit"]["fp32"]
-    assert results["grad_checkpointing"]["step_time_ratio"] > 0
-    assert results["peak_memory_mb"]["segkit_ckpt"] > 0
+    assert set(results["recomputation"]) == {"segkit_selective", "segkit_ckpt"}
+    assert all(r["step_time_ratio"] > 0 for r in results["recomputation"].values())
+    assert "train.selective_recompute=true: step" in proc.stdout
+    assert results["peak_memory_mb"]["segkit_ckpt"] > 0 and results["peak_memory_mb"]["segkit_selective"] > 0

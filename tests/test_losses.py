@@ -127,6 +127,39 @@ def test_pixel_cross_entropy_is_torch_cross_entropy(amp):
     torch.testing.assert_close(our_grad, torch_grad, **({"rtol": 1e-2, "atol": 1e-3} if amp else {}))
 
 
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
+def test_pixel_cross_entropy_upsamples_smaller_logits_itself(amp, align_corners):
+    torch.manual_seed(0)
+    low = torch.randn(2, 6, 5, 7, requires_grad=True)
+    target = torch.randint(0, 6, (2, 37, 51))
+    target[1, :4] = 255
+    weights = torch.linspace(0, 1, target.numel()).view_as(target)
+    results = []
+    for upsample_first in (False, True):
+        low.grad = None
+        with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+            logits = low.to(torch.bfloat16) if amp else low  # the model's logits: bf16 under autocast
+            if upsample_first:
+                logits = F.interpolate(logits, size=(37, 51), mode="bilinear", align_corners=align_corners)
+            nll = pixel_cross_entropy(logits, target, align_corners=align_corners)
+        (nll * weights).sum().backward()
+        results.append((nll, low.grad.clone()))
+    (inside, inside_grad), (outside, outside_grad) = results
+    # The same kernels on the same values in the same order: bitwise equal, loss and gradients.
+    assert torch.equal(inside, outside) and torch.equal(inside_grad, outside_grad)
+    assert torch.equal(inside[1, :4], torch.zeros(4, 51))
+
+
+def test_pixel_cross_entropy_keeps_small_logits_small():
+    logits = torch.randn(2, 150, 8, 8, requires_grad=True)
+    target = torch.randint(0, 150, (2, 64, 64))
+    kept = saved_bytes(lambda: pixel_cross_entropy(logits, target), [])
+    # The 8x8 logits, a float32 log-sum-exp and the int64 target per full-resolution pixel: no
+    # 150-class map at 64x64 (that alone would be 2 x 150 x 64 x 64 x 4 bytes).
+    assert kept.total == 2 * 150 * 8 * 8 * 4 + 2 * 64 * 64 * (4 + 8)
+
+
 def test_pixel_cross_entropy_keeps_the_logits_as_they_came():
     logits = torch.randn(2, 150, 32, 32, dtype=torch.bfloat16, requires_grad=True)
     target = torch.randint(0, 150, (2, 32, 32))

@@ -138,7 +138,7 @@ def _build_loss(job: TrainJob, ignore_index: int) -> SegmentationLoss:
     loss = job.model.loss
     ohem = Ohem(loss.ohem.thresh, loss.ohem.min_kept) if loss.ohem is not None else None
     return SegmentationLoss(loss.aux_weight, ignore_index, loss.extra, class_weights=loss.class_weights,
-                            ohem=ohem, num_classes=job.dataset.num_classes)
+                            ohem=ohem, num_classes=job.dataset.num_classes, align_corners=job.model.align_corners)
 
 
 def build_training(job: TrainJob, run_dir: Path) -> TrainingParts:

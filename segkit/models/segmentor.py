@@ -1,7 +1,7 @@
 """A backbone of the ResNeSt family joined with the DeepLabV3 head (and the auxiliary FCN head)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,12 +17,24 @@ if TYPE_CHECKING:
     from segkit.config import BackboneSettings, ModelSettings
 
 
+def resize_logits(logits: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:
+    """``logits`` resized bilinearly to ``size`` (H, W), or as they are when already that size."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    # NCHW logits whatever the model's memory format: the softmax / cross-entropy over classes
+    # that follows is 2-4x slower on a channels_last tensor (CPU), and this copies the small map.
+    return F.interpolate(logits.contiguous(), size=tuple(size), mode="bilinear", align_corners=align_corners)
+
+
 class Segmentor(nn.Module):
     """DeepLabV3 on a dilated backbone.
 
-    ``forward`` returns ``{"out": logits}`` at the input size, plus ``"aux"`` (the FCN head on c3)
-    while training. Logits are upsampled bilinearly with ``align_corners`` as configured (the
-    original code uses True).
+    In eval mode ``forward`` returns ``{"out": logits}`` at the input size, upsampled bilinearly
+    with ``align_corners`` as configured (the original code uses True). In training mode it
+    returns the logits at the heads' resolution (the input size / output stride), ``"out"`` plus
+    ``"aux"`` (the FCN head on c3): :class:`segkit.losses.SegmentationLoss` upsamples them to the
+    target inside its cross-entropy, with the same ``align_corners``, so that no full-resolution
+    logits are kept for backward.
     """
 
     def __init__(self, backbone: ResNeSt, num_classes: int, aux: bool = True, channels: int = 256,
@@ -55,18 +67,14 @@ class Segmentor(nn.Module):
     def _head(self, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return recomputed(head, x, mode=self.backbone.recompute_mode)
 
-    def _upsample(self, logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
-        # NCHW logits whatever the model's memory format: the softmax / cross-entropy over classes
-        # that follows is 2-4x slower on a channels_last tensor (CPU), and this copies the small map.
-        return F.interpolate(logits.contiguous(), size=size, mode="bilinear", align_corners=self.align_corners)
-
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        size = x.shape[-2:]
         _, _, c3, c4 = self.backbone(x)
-        out = {"out": self._upsample(self._head(self.head, c4), size)}
-        if self.training and self.aux_head is not None:
-            out["aux"] = self._upsample(self._head(self.aux_head, c3), size)
-        return out
+        out = self._head(self.head, c4)
+        if not self.training:
+            return {"out": resize_logits(out, x.shape[-2:], self.align_corners)}
+        if self.aux_head is None:
+            return {"out": out}
+        return {"out": out, "aux": self._head(self.aux_head, c3)}
 
     def head_parameters(self) -> list[nn.Parameter]:
         """Parameters of the randomly initialised heads (trained with a larger learning rate)."""
