@@ -103,6 +103,8 @@ def test_cross_field_rules():
         eval_settings("eval.amp=bf16", "eval.dtype=bf16")
     assert eval_settings("eval.dtype=bf16").eval.dtype == "bf16"
     assert train_settings("train.grad_checkpointing=true").train.grad_checkpointing is True
+    assert train_settings().train.selective_recompute is False  # the original keeps everything
+    assert train_settings("train.selective_recompute=true").train.selective_recompute is True
     with pytest.raises(ConfigError, match="predict.input needs export.dir"):
         eval_settings("predict.input=photos")
     with pytest.raises(ConfigError, match="the config needs a value for 'checkpoint'"):

@@ -166,15 +166,18 @@ def test_bf16_autocast_and_channels_last_train(tmp_path, data_root):
     assert records(tmp_path / "r", "val")[0]["mIoU"] >= 0
 
 
-def test_grad_checkpointing_trains_to_the_same_weights(tmp_path, data_root):
+def test_recomputation_trains_to_the_same_weights(tmp_path, data_root):
     # Dropout on too (TINY turns it off): the recomputation must redraw the same masks.
     common = TINY + ["train.iters=2", "train.val_every=100", "model.dropout=0.1", "model.aspp_dropout=0.5"]
     run(common + [f"hydra.run.dir={tmp_path / 'plain'}"], data_root)
-    run(common + ["train.grad_checkpointing=true", f"hydra.run.dir={tmp_path / 'ckpt'}"], data_root)
-    plain, ckpt = model_state(tmp_path / "plain" / "last.pt"), model_state(tmp_path / "ckpt" / "last.pt")
-    assert plain.keys() == ckpt.keys()
-    for k in plain:  # weights and BatchNorm statistics alike
-        assert torch.equal(plain[k], ckpt[k]), k
+    plain = model_state(tmp_path / "plain" / "last.pt")
+    for option in ("train.grad_checkpointing=true", "train.selective_recompute=true"):
+        out = tmp_path / option.split(".")[1].split("=")[0]
+        run(common + [option, f"hydra.run.dir={out}"], data_root)
+        recomputed = model_state(out / "last.pt")
+        assert plain.keys() == recomputed.keys()
+        for k in plain:  # weights and BatchNorm statistics alike
+            assert torch.equal(plain[k], recomputed[k]), (option, k)
 
 
 def test_pascal_context_prepared_from_detail_json_trains(tmp_path, data_root):
