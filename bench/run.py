@@ -10,7 +10,8 @@ Against the machine's limits: the run records the CPU model and its bf16 flags, 
 fp32 and bf16 peaks of a matmul and of a large 3x3 conv on this device, and reports every
 workload's achieved GFLOP/s (FlopCounterMode FLOPs / median time) as a fraction of the peak of its
 precision. Activation memory per training image (bench/memory.py) is measured for segkit and the
-peer, in fp32 and under bf16 autocast, with and without activation checkpointing. Examples:
+peer, in fp32 and under bf16 autocast, with and without recomputation (segkit's selective
+recomputation and full checkpointing, timm's stage checkpointing). Examples:
 
     python bench/run.py --device cpu --backbone resnest50 --size 256 --batch 2 \
         --memory-backbone resnest101 --memory-size 512
