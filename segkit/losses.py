@@ -109,7 +109,8 @@ class _PixelCrossEntropy(torch.autograd.Function):
         logits, lse, target = ctx.saved_tensors
         valid = target != ctx.ignore_index
         index = target.masked_fill(~valid, 0).unsqueeze(1)
-        with torch.enable_grad():
+        # The forward's resize again (as it ran: without autocast), recorded to take the gradient back.
+        with torch.enable_grad(), torch.autocast(logits.device.type, enabled=False):
             small = logits.detach().requires_grad_()
             resized = resize_logits(small, target.shape[-2:], ctx.align_corners)
         probs = resized.detach().to(lse.dtype, copy=True).sub_(lse.unsqueeze(1)).exp_()  # softmax
