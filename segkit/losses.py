@@ -343,7 +343,7 @@ class SegmentationLoss(nn.Module):
 
 
 def build_loss(cfg: Mapping[str, Any] | None = None, *, auto_weights: Sequence[float] | None = None,
-               num_classes: int | None = None) -> SegmentationLoss:
+               num_classes: int | None = None, align_corners: bool = True) -> SegmentationLoss:
     """Build :class:`SegmentationLoss` from a config mapping.
 
     Keys: aux_weight, ignore_index, extra, ohem (null or ``{thresh, min_kept}``), class_weights
@@ -351,6 +351,8 @@ def build_loss(cfg: Mapping[str, Any] | None = None, *, auto_weights: Sequence[f
     ``inverse_log``: how ``auto`` weights are computed). ``class_weights: auto`` takes the weights
     from ``auto_weights``, which the caller computes from the training set (see
     :func:`auto_class_weights` with ``cfg["balance"]``). ``num_classes`` checks the weights' count.
+    ``align_corners`` is the model's (a model setting, not a loss key): how logits smaller than the
+    target, as a training-mode Segmentor returns them, are upsampled.
     """
     cfg = dict(cfg or {})
     unknown = sorted(set(cfg) - set(LOSS_KEYS))
@@ -367,7 +369,7 @@ def build_loss(cfg: Mapping[str, Any] | None = None, *, auto_weights: Sequence[f
             raise LossConfigError("class_weights=auto needs the weights computed from the training masks: "
                                   "pass build_loss(cfg, auto_weights=auto_class_weights(train_set, balance))")
         cfg["class_weights"] = auto_weights
-    return SegmentationLoss(**cfg, num_classes=num_classes)
+    return SegmentationLoss(**cfg, num_classes=num_classes, align_corners=align_corners)
 
 
 # --- Class weights from the training masks ------------------------------------------------------

@@ -151,6 +151,17 @@ def test_pixel_cross_entropy_upsamples_smaller_logits_itself(amp, align_corners)
     assert torch.equal(inside[1, :4], torch.zeros(4, 51))
 
 
+def test_build_loss_upsamples_with_the_models_align_corners():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5, 7)
+    target = torch.randint(0, 4, (2, 37, 51))
+    for align_corners in (True, False):
+        built = build_loss({"aux_weight": 0.2}, align_corners=align_corners)
+        expected = F.cross_entropy(F.interpolate(logits, size=(37, 51), mode="bilinear",
+                                                 align_corners=align_corners), target)
+        torch.testing.assert_close(built(logits, target)[0], expected)
+
+
 def test_pixel_cross_entropy_keeps_small_logits_small():
     logits = torch.randn(2, 150, 8, 8, requires_grad=True)
     target = torch.randint(0, 150, (2, 64, 64))
