@@ -95,6 +95,11 @@ def test_recomputation_only_acts_while_gradients_are_computed(mode):
         assert torch.equal(out, model(x)["out"])
 
 
+def test_an_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="unknown recompute mode 'partial'; valid choices: none, selective, full"):
+        checkpointing.recomputed(torch.relu, torch.ones(2, requires_grad=True), mode="partial")
+
+
 def test_grad_checkpointing_takes_precedence_over_selective_recompute():
     model = _model()
     model.set_selective_recompute(True)

@@ -72,6 +72,8 @@ def recomputed(function: Callable[..., torch.Tensor], *args: torch.Tensor, mode:
     ``state``: the modules whose buffers ``function`` updates (defaults to ``function`` itself
     when it is a module); they are left as the first run left them.
     """
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"unknown recompute mode {mode!r}; valid choices: {', '.join(RECOMPUTE_MODES)}")
     if mode == "none" or not torch.is_grad_enabled():
         return function(*args)
     if torch.compiler.is_compiling():
