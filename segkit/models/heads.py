@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segkit.models.dilated import DilatedConv2d
 from segkit.models.norm import NormLayer, norm_pooled
 
 # ASPP atrous rates per backbone output stride (Chen et al. 2017; doubled at stride 8).
@@ -13,9 +14,12 @@ ASPP_RATES: dict[int, tuple[int, int, int]] = {8: (12, 24, 36), 16: (6, 12, 18)}
 
 def conv_norm_relu(in_ch: int, out_ch: int, kernel_size: int, norm_layer: NormLayer,
                    dilation: int = 1) -> nn.Sequential:
-    padding = dilation * (kernel_size - 1) // 2
-    return nn.Sequential(nn.Conv2d(in_ch, out_ch, kernel_size, padding=padding, dilation=dilation, bias=False),
-                         norm_layer(out_ch), nn.ReLU(inplace=True))
+    if kernel_size == 3 and dilation > 1:  # the ASPP's atrous branches: a faster bf16 form on CPU
+        conv = DilatedConv2d(in_ch, out_ch, dilation)
+    else:
+        padding = dilation * (kernel_size - 1) // 2
+        conv = nn.Conv2d(in_ch, out_ch, kernel_size, padding=padding, dilation=dilation, bias=False)
+    return nn.Sequential(conv, norm_layer(out_ch), nn.ReLU(inplace=True))
 
 
 class ASPPPooling(nn.Module):
