@@ -11,7 +11,15 @@ fp32 and bf16 peaks of a matmul and of a large 3x3 conv on this device, and repo
 workload's achieved GFLOP/s (FlopCounterMode FLOPs / median time) as a fraction of the peak of its
 precision. Activation memory per training image (bench/memory.py) is measured for segkit and the
 peer, in fp32 and under bf16 autocast, with and without recomputation (segkit's selective
-recomputation and full checkpointing, timm's stage checkpointing). Examples:
+recomputation and full checkpointing, timm's stage checkpointing).
+
+bf16 rows (left out with ``--no-bf16``): segkit with ``eval.dtype=bf16`` (``prepare_model(...,
+dtype="bf16")``) and the peer under bf16 autocast at inference, both stacks' training steps under
+bf16 autocast (``train.amp=bf16``), each against segkit in fp32 and as a fraction of the bf16 peak;
+"segkit_bf16_conv" is eval.dtype=bf16 with the ASPP's dilated convolutions left to oneDNN (what
+segkit.models.dilated replaces). On a CPU without bf16 units they are labelled emulated. A
+per-layer table (torch.profiler, ``record_shapes``) lists the ten largest ops of a single-scale
+forward in each precision, with their input shapes. Examples:
 
     python bench/run.py --device cpu --backbone resnest50 --size 256 --batch 2 \
         --memory-backbone resnest101 --memory-size 512
@@ -45,6 +53,7 @@ from memory import training_forward_bytes  # noqa: E402
 from naive import naive_multiscale  # noqa: E402
 from segkit.engine.inference import predict_multiscale, predict_single, prepare_model, resolve_max_batch  # noqa: E402,E501
 from segkit.losses import SegmentationLoss  # noqa: E402
+from segkit.models.dilated import DilatedConv2d  # noqa: E402
 from segkit.models.resnest import create_backbone  # noqa: E402
 from segkit.models.segmentor import Segmentor  # noqa: E402
 
@@ -73,6 +82,8 @@ class PeerDeepLabV3(nn.Module):
 
 
 STACKS = ("segkit", "segkit_noaux", "peer")
+#: Training steps under bf16 autocast (train.amp=bf16), each of the stack it names.
+BF16_STACKS = {"segkit_bf16": "segkit", "peer_bf16": "peer"}
 #: Also timed in training, reported as the cost of their recomputation rather than as stacks:
 #: the recipe's model with train.selective_recompute=true / train.grad_checkpointing=true.
 SELECTIVE, CHECKPOINTED = "segkit_selective", "segkit_ckpt"
@@ -84,6 +95,7 @@ def new_model(stack: str, backbone: str, classes: int, output_stride: int) -> nn
     it, which is smp's DeepLabV3 layout; ``segkit_selective`` / ``segkit_ckpt``: the recipe's model
     with ``train.selective_recompute=true`` / ``train.grad_checkpointing=true``; ``peer``: smp on
     timm (``peer_ckpt``: with timm's own checkpointing of the encoder stages)."""
+    stack = BF16_STACKS.get(stack, stack)
     if stack.startswith("segkit"):
         model = Segmentor(create_backbone(backbone, output_stride=output_stride), classes,
                           aux=stack != "segkit_noaux")
@@ -137,6 +149,11 @@ def interleave(fns: dict[str, Callable[[], object]], rounds: int, warmup: int, d
     return times
 
 
+def stack_amp(stack: str, args: argparse.Namespace) -> str | None:
+    """The autocast a stack trains under: bf16 for :data:`BF16_STACKS`, ``--amp`` for the others."""
+    return "bf16" if stack in BF16_STACKS else args.amp
+
+
 def train_step(model: nn.Module, stack: str, args: argparse.Namespace) -> Callable[[], None]:
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(args.batch, 3, args.size, args.size, generator=gen).to(args.device)
@@ -145,12 +162,13 @@ def train_step(model: nn.Module, stack: str, args: argparse.Namespace) -> Callab
     masks = torch.randint(0, args.classes, (args.batch, args.size, args.size), generator=gen).to(args.device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     criterion = criterion_for(stack)
-    scaler = torch.amp.GradScaler(args.device, enabled=args.amp == "fp16")
+    amp = stack_amp(stack, args)
+    scaler = torch.amp.GradScaler(args.device, enabled=amp == "fp16")
     model.train()
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(args.device, dtype=AMP.get(args.amp, torch.float32), enabled=args.amp is not None):
+        with torch.autocast(args.device, dtype=AMP.get(amp, torch.float32), enabled=amp is not None):
             loss = criterion(model(images), masks)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -277,14 +295,38 @@ def window_forwards(image: torch.Tensor, args: argparse.Namespace) -> int:
     return windows
 
 
+def bf16_variants(seg: nn.Module, args: argparse.Namespace) -> dict[str, nn.Module]:
+    """segkit with eval.dtype=bf16, and the same with the ASPP's dilated convolutions forced back to
+    oneDNN's convolution ("segkit_bf16_conv", the form :mod:`segkit.models.dilated` replaces)."""
+    if args.no_bf16:
+        return {}
+    variants = {}
+    for name, form in (("segkit_bf16", None), ("segkit_bf16_conv", False)):
+        model = prepare_model(copy.deepcopy(seg), args.device, dtype="bf16")
+        for m in model.modules():
+            if isinstance(m, DilatedConv2d):
+                m.tap_gemm = form
+        variants[name] = model
+    return variants
+
+
+def variant_autocast(variant: str, args: argparse.Namespace) -> str | None:
+    """eval.dtype=bf16 variants run without autocast, the peer's bf16 row under bf16 autocast, the rest
+    under ``--amp``."""
+    if variant.startswith("segkit_bf16"):
+        return None
+    return "bf16" if variant == "peer_bf16" else args.amp
+
+
 def measure_inference(seg: nn.Module, peer: nn.Module, args: argparse.Namespace) -> dict:
     """Single-scale images/s (segkit vs peer) and multi-scale + flip s/image (segkit vs naive loop).
 
     "segkit" is the model as eval_seg.py runs it by default (BatchNorm folded, channels_last);
     "segkit_plain" is the same weights unchanged, NCHW, as the peer and the naive loop run;
-    "segkit_compiled" (``--eval-compile``) adds eval.compile=true; with ``--amp bf16``,
-    "segkit_bf16" is eval.dtype=bf16 (weights cast once after folding, no autocast) where the others
-    run under autocast. The naive loop runs in float32 whatever ``--amp`` says.
+    "segkit_compiled" (``--eval-compile``) adds eval.compile=true; "segkit_bf16" is eval.dtype=bf16
+    (weights cast once after folding, no autocast), "peer_bf16" the peer under bf16 autocast (see
+    :func:`bf16_variants`). The others run under ``--amp``; the naive loop runs in float32 whatever
+    ``--amp`` says.
     """
     results: dict = {}
     h, w = args.infer_size
@@ -299,25 +341,26 @@ def measure_inference(seg: nn.Module, peer: nn.Module, args: argparse.Namespace)
         torch._dynamo.reset()
         return prepare_model(copy.deepcopy(seg), args.device, compile=True)
 
-    weights_bf16 = ({"segkit_bf16": prepare_model(copy.deepcopy(seg), args.device, dtype="bf16")}
-                    if args.amp == "bf16" else {})
-    variants = {"segkit": prepared, "segkit_plain": seg, "peer": peer, **weights_bf16}
+    bf16 = bf16_variants(seg, args)
+    variants = {"segkit": prepared, "segkit_plain": seg, "peer": peer, **bf16,
+                **({} if args.no_bf16 else {"peer_bf16": peer})}
     if args.eval_compile:
         variants["segkit_compiled"] = compiled()
     single = {s: (lambda m=m, s=s: predict_single(m, image, pad_multiple=args.output_stride,
-                                                  autocast=None if s == "segkit_bf16" else args.amp))
+                                                  autocast=variant_autocast(s, args)))
               for s, m in variants.items()}
     t = interleave(single, args.rounds, 1, args.device)
     results["infer_single_img_per_s"] = {s: 1 / statistics.median(v) for s, v in t.items()}
+    results["layer_profile"] = {precision: layer_profile(single[s], args.profile_top)
+                                for precision, s in (("fp32", "segkit"), ("bf16", "segkit_bf16")) if s in single}
 
     # "naive_cl" (the naive loop on a channels_last copy) isolates what batching alone buys.
     seg_cl = copy.deepcopy(seg).to(memory_format=torch.channels_last)
-    variants = {"segkit": prepared, **weights_bf16,
+    variants = {"segkit": prepared, **({"segkit_bf16": bf16["segkit_bf16"]} if bf16 else {}),
                 **({"segkit_compiled": compiled()} if args.eval_compile else {})}
     max_batch = results["msflip_max_batch"] = resolve_max_batch(args.max_batch, args.crop, args.device)
     ms = {s: (lambda m=m, s=s: predict_multiscale(m, image, ADE_SCALES, True, args.base, args.crop, args.classes,
-                                                  max_batch=max_batch,
-                                                  autocast=None if s == "segkit_bf16" else args.amp))
+                                                  max_batch=max_batch, autocast=variant_autocast(s, args)))
           for s, m in variants.items()}
     ms["naive"] = lambda: naive_multiscale(seg, image, ADE_SCALES, True, args.base, args.crop, args.classes)
     ms["naive_cl"] = lambda: naive_multiscale(seg_cl, image, ADE_SCALES, True, args.base, args.crop, args.classes)
@@ -339,6 +382,20 @@ def measure_inference(seg: nn.Module, peer: nn.Module, args: argparse.Namespace)
     return results
 
 
+def layer_profile(fn: Callable[[], object], top: int) -> list[dict]:
+    """The ``top`` ops of one call of ``fn`` (after a warm-up call) by self time, grouped by op and input
+    shapes (torch.profiler, ``record_shapes``): calls, total and per-call milliseconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [{"op": e.key, "input_shapes": [list(s) for s in e.input_shapes if s], "calls": e.count,
+             "total_ms": e.self_cpu_time_total / 1e3, "ms_per_call": e.self_cpu_time_total / 1e3 / e.count}
+            for e in events[:top]]
+
+
 def utilisation(results: dict, args: argparse.Namespace) -> dict:
     """Achieved GFLOP/s of every timed workload, its fraction of the measured peak of its
     precision (the better of matmul and conv), and its speed against the peer in the same run."""
@@ -350,18 +407,23 @@ def utilisation(results: dict, args: argparse.Namespace) -> dict:
 
     def add(name: str, gflops: float, precision: str, vs_peer: float) -> None:
         rows[name] = {"gflop_per_s": gflops, "precision": precision,
-                      "fraction_of_peak": gflops / peaks[precision]["peak"], "vs_peer": vs_peer}
+                      "fraction_of_peak": gflops / peaks[precision]["peak"],
+                      "fraction_of_conv_peak": gflops / peaks[precision]["conv"], "vs_peer": vs_peer}
 
     for s in STACKS:
         add(f"train {s}", g[s]["train_step"] * train[s], amp, train[s] / train["peer"])
+    for s, base in BF16_STACKS.items():
+        if s in train:
+            add(f"train {s}", g[base]["train_step"] * train[s], "bf16", train[s] / train["peer_bf16"])
     # Useful FLOPs only: the recomputation is the cost of the memory saved, not work done.
     for s, r in results["recomputation"].items():
         add(f"train {s}", g["segkit"]["train_step"] * args.batch / r["step_s"], amp,
             args.batch / r["step_s"] / train["peer"])
     flops = results["gflop_per_call"]
     for s, rate in single.items():
-        add(f"infer single {s}", flops["single"]["peer" if s == "peer" else "segkit"] * rate,
-            "bf16" if s == "segkit_bf16" else amp, rate / single["peer"])
+        bf16 = s.startswith("segkit_bf16") or s == "peer_bf16"
+        add(f"infer single {s}", flops["single"]["peer" if s.startswith("peer") else "segkit"] * rate,
+            "bf16" if bf16 else amp, rate / single["peer_bf16" if bf16 else "peer"])
     for s, seconds in ms.items():
         add(f"infer msflip {s}", flops["msflip"] / seconds,
             "bf16" if s == "segkit_bf16" else "fp32" if s.startswith("naive") else amp, ms["naive"] / seconds)
@@ -434,7 +496,7 @@ def run(args: argparse.Namespace) -> dict:
     results: dict = {"cpu": cpu_info()}
     precisions = dict.fromkeys(("fp32", "bf16", args.amp or "fp32"))
     results["peak_gflops"] = {p: peak_gflops(args.device, DTYPES[p], args.peak_budget) for p in precisions}
-    models = {s: build(s, args) for s in (*STACKS, *RECOMPUTED)}
+    models = {s: build(s, args) for s in (*STACKS, *RECOMPUTED, *(() if args.no_bf16 else BF16_STACKS))}
 
     t = interleave({s: train_step(m, s, args) for s, m in models.items()}, args.rounds, args.warmup, args.device)
     step_s = {s: statistics.median(v) for s, v in t.items()}
@@ -442,8 +504,8 @@ def run(args: argparse.Namespace) -> dict:
     results["recomputation"] = {s: {"step_s": v, "step_time_ratio": v / step_s["segkit"]} for s, v in recomputed.items()}
     results["train_step_s_median"] = step_s
     results["train_img_per_s"] = {s: args.batch / v for s, v in step_s.items()}
-    for s in RECOMPUTED:
-        del models[s]
+    for s in (*RECOMPUTED, *BF16_STACKS):
+        models.pop(s, None)
 
     results.update(measure_inference(models["segkit"], models["peer"], args))
     results["predictor_single_s_per_img"] = measure_predictor(models["segkit"], args)
@@ -478,15 +540,12 @@ def table(results: dict) -> str:
              row("  segkit plain (NCHW, BN not folded) vs peer", "infer_single_img_per_s", "segkit_plain", "peer")]
     if "segkit_compiled" in single:
         lines.append(row("  segkit eval.compile=true vs peer", "infer_single_img_per_s", "segkit_compiled", "peer"))
-    if "segkit_bf16" in single:
-        lines.append(row("  segkit eval.dtype=bf16 vs peer (autocast)", "infer_single_img_per_s", "segkit_bf16", "peer"))
     lines.append(predictor_row(results))
     lines += [row("multi-scale + flip s/image: segkit vs naive", "infer_msflip_s_per_img", "segkit", "naive"),
               row("  segkit vs naive loop in channels_last", "infer_msflip_s_per_img", "segkit", "naive_cl")]
     if "segkit_compiled" in ms:
         lines.append(row("  segkit eval.compile=true vs naive", "infer_msflip_s_per_img", "segkit_compiled", "naive"))
-    if "segkit_bf16" in ms:
-        lines.append(row("  segkit eval.dtype=bf16 vs naive (fp32)", "infer_msflip_s_per_img", "segkit_bf16", "naive"))
+    lines += bf16_rows(results, row)
     lines += [row("peak train memory MB: segkit vs peer", "peak_memory_mb", "segkit", "peer"),
               row("peak train memory MB: without aux vs peer", "peak_memory_mb", "segkit_noaux", "peer"),
               row("peak train memory MB: selective recompute vs peer", "peak_memory_mb", SELECTIVE, "peer"),
@@ -510,7 +569,39 @@ def table(results: dict) -> str:
     if "loader_img_per_s" in results:
         lines.append(f"data loader, ADE20K recipe on demo images, {results['settings']['workers']} workers: "
                      f"{results['loader_img_per_s']:.1f} images/s")
-    return "\n".join(lines + ["", limits_table(results), "", memory_table(results["activation_memory"])])
+    return "\n".join(lines + ["", limits_table(results), "", layer_table(results), "",
+                              memory_table(results["activation_memory"])])
+
+
+def bf16_rows(results: dict, row: Callable[[str, str, str, str], str]) -> list[str]:
+    """segkit's bf16 rows against segkit in fp32 and against the peer in bf16 (A/B of images/s, or
+    of seconds fp32 over bf16: the speed-up either way)."""
+    if "segkit_bf16" not in results["infer_single_img_per_s"]:
+        return []
+    emulated = "" if results["cpu"]["bf16_units"] else " (emulated: no bf16 units)"
+    return [f"bf16{emulated}: eval.dtype=bf16 (inference), train.amp=bf16 (training)",
+            row("  single scale images/s: segkit bf16 vs fp32", "infer_single_img_per_s", "segkit_bf16", "segkit"),
+            row("  single scale images/s: segkit bf16 vs peer bf16", "infer_single_img_per_s", "segkit_bf16",
+                "peer_bf16"),
+            row("  single scale: bf16 vs bf16 with oneDNN's ASPP", "infer_single_img_per_s", "segkit_bf16",
+                "segkit_bf16_conv"),
+            row("  multi-scale + flip s/image: segkit fp32 vs bf16", "infer_msflip_s_per_img", "segkit", "segkit_bf16"),
+            row("  train images/s: segkit bf16 autocast vs fp32", "train_img_per_s", "segkit_bf16", "segkit"),
+            row("  train images/s: segkit bf16 vs peer bf16", "train_img_per_s", "segkit_bf16", "peer_bf16")]
+
+
+def layer_table(results: dict) -> str:
+    """The largest ops of a single-scale forward of segkit (as eval_seg.py prepares it) per precision."""
+    lines = []
+    emulated = "" if results["cpu"]["bf16_units"] else ", emulated: no bf16 units"
+    for precision, ops in results["layer_profile"].items():
+        lines.append(f"largest ops, single-scale forward, segkit {precision}"
+                     f"{emulated if precision == 'bf16' else ''} (self CPU time, grouped by input shapes)")
+        lines.append(f"  {'op':34s} {'calls':>5s} {'ms/call':>9s} {'total ms':>9s}  input shapes")
+        for op in ops:
+            shapes = " ".join("x".join(map(str, shape)) for shape in op["input_shapes"])
+            lines.append(f"  {op['op']:34s} {op['calls']:5d} {op['ms_per_call']:9.2f} {op['total_ms']:9.1f}  {shapes}")
+    return "\n".join(lines)
 
 
 def limits_table(results: dict) -> str:
@@ -524,12 +615,15 @@ def limits_table(results: dict) -> str:
         lines.append(f"measured peak {precision}: matmul {p['matmul']:.1f} GFLOP/s ({p['matmul_size']}^2), "
                      f"conv 3x3 512->512 {p['conv']:.1f} GFLOP/s ({p['conv_size']}x{p['conv_size']}, "
                      f"{p['conv_layout']})")
-    lines.append(f"{'workload':40s} {'precision':>9s} {'GFLOP/s':>9s} {'of peak':>8s} {'vs peer':>8s}")
+    lines.append(f"{'workload':40s} {'precision':>15s} {'GFLOP/s':>9s} {'of peak':>8s} {'of conv':>8s} {'vs peer':>8s}")
     for name, r in results["utilisation"].items():
-        lines.append(f"{name:40s} {r['precision']:>9s} {r['gflop_per_s']:9.1f} {r['fraction_of_peak']:8.1%} "
-                     f"{r['vs_peer']:7.2f}x")
-    lines.append("(vs peer: training and single scale against smp/timm, multi-scale + flip against the naive "
-                 "loop; training with recomputation counts its useful FLOPs only)")
+        precision = r["precision"] + (" (emulated)" if r["precision"] == "bf16" and not cpu["bf16_units"] else "")
+        lines.append(f"{name:40s} {precision:>15s} {r['gflop_per_s']:9.1f} {r['fraction_of_peak']:8.1%} "
+                     f"{r['fraction_of_conv_peak']:8.1%} {r['vs_peer']:7.2f}x")
+    lines.append("(of peak: the better of the matmul and conv peaks of the precision; of conv: the 3x3 conv peak. "
+                 "vs peer: training and single scale against smp/timm (bf16 rows against the peer in bf16), "
+                 "multi-scale + flip against the naive loop; training with recomputation counts its useful FLOPs "
+                 "only; the FLOPs are the plain convolutions', taps in the padding included)")
     return "\n".join(lines)
 
 
@@ -560,6 +654,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--amp", choices=sorted(AMP))
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--no-bf16", action="store_true",
+                   help="leave out the bf16 rows (eval.dtype=bf16, bf16 autocast training, the bf16 layer table)")
+    p.add_argument("--profile-top", type=int, default=10, help="ops in the per-layer table of each precision")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (training and inference)")
     p.add_argument("--eval-compile", action="store_true",
                    help="also time segkit's inference with eval.compile=true (compiles for about a minute)")

@@ -21,9 +21,10 @@ def test_bench_script_writes_its_results(tmp_path):
                           env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert set(results["train_img_per_s"]) == {"segkit", "segkit_noaux", "peer"}
-    assert set(results["infer_single_img_per_s"]) == {"segkit", "segkit_plain", "peer"}
-    assert set(results["infer_msflip_s_per_img"]) == {"segkit", "naive", "naive_cl"}
+    assert set(results["train_img_per_s"]) == {"segkit", "segkit_noaux", "peer", "segkit_bf16", "peer_bf16"}
+    assert set(results["infer_single_img_per_s"]) == {"segkit", "segkit_plain", "peer", "segkit_bf16",
+                                                      "segkit_bf16_conv", "peer_bf16"}
+    assert set(results["infer_msflip_s_per_img"]) == {"segkit", "segkit_bf16", "naive", "naive_cl"}
     assert results["msflip_max_batch"] == 8  # auto on CPU for 32x32 windows
     assert results["msflip_vs_naive"]["segkit"]["argmax_agreement"] > 0.999
     assert results["msflip_vs_naive"]["segkit"]["max_abs_diff"] < 1e-4
@@ -43,6 +44,22 @@ def test_bench_script_writes_its_results(tmp_path):
     assert all(r["gflop_per_s"] > 0 and r["fraction_of_peak"] > 0 and r["vs_peer"] > 0 for r in rows.values())
     assert rows["train peer"]["vs_peer"] == 1 and rows["infer single segkit"]["precision"] == "fp32"
     assert "measured peak bf16: matmul" in proc.stdout and "of peak" in proc.stdout
+    # bf16 rows: against the bf16 peak, against segkit in fp32 and the peer in bf16; emulated without units.
+    for name in ("train segkit_bf16", "train peer_bf16", "infer single segkit_bf16", "infer single peer_bf16",
+                 "infer msflip segkit_bf16"):
+        assert rows[name]["precision"] == "bf16" and 0 < rows[name]["fraction_of_conv_peak"]
+    assert rows["train peer_bf16"]["vs_peer"] == 1 and rows["infer single peer_bf16"]["vs_peer"] == 1
+    assert "single scale images/s: segkit bf16 vs fp32" in proc.stdout
+    assert "train images/s: segkit bf16 autocast vs fp32" in proc.stdout
+    assert ("emulated" in proc.stdout) == (not results["cpu"]["bf16_units"])
+    # The per-layer table: the ten largest ops of a forward in each precision, with their input shapes.
+    profile = results["layer_profile"]
+    assert set(profile) == {"fp32", "bf16"}
+    for ops in profile.values():
+        assert len(ops) == 10 and all(op["calls"] >= 1 and op["ms_per_call"] > 0 for op in ops)
+        assert [op["total_ms"] for op in ops] == sorted((op["total_ms"] for op in ops), reverse=True)
+        assert any("conv" in op["op"] and len(op["input_shapes"]) >= 2 for op in ops)  # image and weight
+    assert "largest ops, single-scale forward, segkit bf16" in proc.stdout
     # Activation memory per training image, both precisions; checkpointing keeps a fraction of it.
     memory = results["activation_memory"]["gib_per_image"]
     assert {"segkit", "segkit_selective", "segkit_ckpt", "peer", "peer_ckpt"} <= set(memory)
