@@ -13,8 +13,8 @@ precision. Activation memory per training image (bench/memory.py) is measured fo
 peer, in fp32 and under bf16 autocast, with and without recomputation (segkit's selective
 recomputation and full checkpointing, timm's stage checkpointing).
 
-bf16 rows (left out with ``--no-bf16``): segkit with ``eval.dtype=bf16`` (``prepare_model(...,
-dtype="bf16")``) and the peer under bf16 autocast at inference, both stacks' training steps under
+bf16 rows (left out with ``--no-bf16``): segkit with ``eval.dtype=bf16`` (``prepare_model(..., InferenceOptions(
+dtype="bf16"))``) and the peer under bf16 autocast at inference, both stacks' training steps under
 bf16 autocast (``train.amp=bf16``), each against segkit in fp32 and as a fraction of the bf16 peak;
 "segkit_bf16_conv" is eval.dtype=bf16 with the ASPP's dilated convolutions left to oneDNN (what
 segkit.models.dilated replaces). On a CPU without bf16 units they are labelled emulated. A
@@ -51,9 +51,11 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from memory import training_forward_bytes  # noqa: E402
 from naive import naive_multiscale  # noqa: E402
-from segkit.engine.inference import predict_multiscale, predict_single, prepare_model, resolve_max_batch  # noqa: E402,E501
-from segkit.losses import SegmentationLoss  # noqa: E402
+from segkit.inference.multiscale import predict_multiscale, predict_single, resolve_max_batch  # noqa: E402
+from segkit.inference.options import InferenceOptions  # noqa: E402
+from segkit.inference.prepare import prepare_model  # noqa: E402
 from segkit.models.dilated import DilatedConv2d  # noqa: E402
+from segkit.training.losses import SegmentationLoss  # noqa: E402
 from segkit.models.resnest import create_backbone  # noqa: E402
 from segkit.models.segmentor import Segmentor  # noqa: E402
 
@@ -291,7 +293,8 @@ def window_forwards(image: torch.Tensor, args: argparse.Namespace) -> int:
         windows += x.shape[0]
         return {"out": x.new_zeros(x.shape[0], args.classes, *x.shape[-2:])}
 
-    predict_multiscale(stub, image, ADE_SCALES, True, args.base, args.crop, args.classes, max_batch=8)
+    predict_multiscale(stub, image, InferenceOptions(scales=ADE_SCALES, flip=True, max_batch=8), base_size=args.base,
+                       crop_size=args.crop, num_classes=args.classes)
     return windows
 
 
@@ -302,7 +305,7 @@ def bf16_variants(seg: nn.Module, args: argparse.Namespace) -> dict[str, nn.Modu
         return {}
     variants = {}
     for name, form in (("segkit_bf16", None), ("segkit_bf16_conv", False)):
-        model = prepare_model(copy.deepcopy(seg), args.device, dtype="bf16")
+        model = prepare_model(copy.deepcopy(seg), args.device, InferenceOptions(dtype="bf16"))
         for m in model.modules():
             if isinstance(m, DilatedConv2d):
                 m.tap_gemm = form
@@ -339,7 +342,7 @@ def measure_inference(seg: nn.Module, peer: nn.Module, args: argparse.Namespace)
         # Dynamo's shape history is per function, not per model: without a reset, the multi-scale
         # windows would follow the single-scale image's shape into a slower dynamic-shape graph.
         torch._dynamo.reset()
-        return prepare_model(copy.deepcopy(seg), args.device, compile=True)
+        return prepare_model(copy.deepcopy(seg), args.device, InferenceOptions(compile=True))
 
     bf16 = bf16_variants(seg, args)
     variants = {"segkit": prepared, "segkit_plain": seg, "peer": peer, **bf16,
@@ -347,7 +350,7 @@ def measure_inference(seg: nn.Module, peer: nn.Module, args: argparse.Namespace)
     if args.eval_compile:
         variants["segkit_compiled"] = compiled()
     single = {s: (lambda m=m, s=s: predict_single(m, image, pad_multiple=args.output_stride,
-                                                  autocast=variant_autocast(s, args)))
+                                                  amp=variant_autocast(s, args)))
               for s, m in variants.items()}
     t = interleave(single, args.rounds, 1, args.device)
     results["infer_single_img_per_s"] = {s: 1 / statistics.median(v) for s, v in t.items()}
@@ -359,8 +362,9 @@ def measure_inference(seg: nn.Module, peer: nn.Module, args: argparse.Namespace)
     variants = {"segkit": prepared, **({"segkit_bf16": bf16["segkit_bf16"]} if bf16 else {}),
                 **({"segkit_compiled": compiled()} if args.eval_compile else {})}
     max_batch = results["msflip_max_batch"] = resolve_max_batch(args.max_batch, args.crop, args.device)
-    ms = {s: (lambda m=m, s=s: predict_multiscale(m, image, ADE_SCALES, True, args.base, args.crop, args.classes,
-                                                  max_batch=max_batch, autocast=variant_autocast(s, args)))
+    msflip = InferenceOptions(scales=ADE_SCALES, flip=True, max_batch=max_batch)
+    ms = {s: (lambda m=m, s=s: predict_multiscale(m, image, msflip.replace(amp=variant_autocast(s, args)),
+                                                  base_size=args.base, crop_size=args.crop, num_classes=args.classes))
           for s, m in variants.items()}
     ms["naive"] = lambda: naive_multiscale(seg, image, ADE_SCALES, True, args.base, args.crop, args.classes)
     ms["naive_cl"] = lambda: naive_multiscale(seg_cl, image, ADE_SCALES, True, args.base, args.crop, args.classes)
@@ -468,8 +472,8 @@ def measure_predictor(seg: nn.Module, args: argparse.Namespace) -> dict:
     same prepared model (BatchNorm folded, channels_last)."""
     from segkit.data.base import bit_palette
     from segkit.data.label_space import LabelSpace
-    from segkit.engine.inference import evaluate
-    from segkit.predictor import Predictor
+    from segkit.evaluation.loop import evaluate
+    from segkit.inference.predictor import Predictor
 
     h, w = args.infer_size
     image = torch.randint(0, 256, (h, w, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8).numpy()
@@ -477,11 +481,12 @@ def measure_predictor(seg: nn.Module, args: argparse.Namespace) -> dict:
                        tuple(map(tuple, bit_palette(args.classes).tolist())), tuple(range(args.classes)), 255,
                        (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), args.base, args.crop, None)
     model = prepare_model(copy.deepcopy(seg).eval(), args.device)
-    predictor = Predictor(model, space, device=args.device, output_stride=args.output_stride, autocast=args.amp)
+    options = InferenceOptions(amp=args.amp)
+    predictor = Predictor(model, space, device=args.device, output_stride=args.output_stride, options=options)
     fns = {"predictor": lambda: predictor.predict(image),
-           "evaluator": lambda: evaluate(model, _OneImage(image, args.classes), preprocess=space.preprocess,
-                                         pad_multiple=args.output_stride, autocast=args.amp, device=args.device,
-                                         num_workers=0, progress=False)}
+           "evaluator": lambda: evaluate(model, _OneImage(image, args.classes), options, preprocess=space.preprocess,
+                                         pad_multiple=args.output_stride, device=args.device, num_workers=0,
+                                         progress=False)}
     t = interleave(fns, args.rounds, 1, args.device)
     return {s: statistics.median(v) for s, v in t.items()}
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from segkit.predictor import Prediction, Predictor
+    from segkit.inference.predictor import Prediction, Predictor
 
 __all__ = ["Prediction", "Predictor", "__version__"]
 
@@ -14,7 +14,7 @@ __all__ = ["Prediction", "Predictor", "__version__"]
 def __getattr__(name: str) -> Any:
     # segkit.Predictor imports torch and the models on first use, not on `import segkit`.
     if name in ("Prediction", "Predictor"):
-        from segkit import predictor
+        from segkit.inference import predictor
 
         return getattr(predictor, name)
     raise AttributeError(f"module 'segkit' has no attribute {name!r}")

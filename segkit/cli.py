@@ -24,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from segkit import distributed, reporting
-from segkit.engine.interrupt import Interrupted, exit_status, watch_parent
 from segkit.errors import SegkitError
+from segkit.training.interrupt import Interrupted, exit_status, watch_parent
 
 T = TypeVar("T")
 CONFIG_PATH = "pkg://segkit.conf"
@@ -95,7 +95,7 @@ def _hydra_message(e: Exception) -> str:
         valid = ", ".join(f.name for f in dataclasses.fields(cause.object_type))
         return f"{cause.full_key}: no such key; valid keys here: {valid}"
     if isinstance(cause, OmegaConfBaseException):
-        from segkit.config import describe_omegaconf_error
+        from segkit.settings import describe_omegaconf_error
 
         return describe_omegaconf_error(cause)
     if isinstance(e, MissingConfigException) and e.options:
@@ -232,7 +232,7 @@ def hydra_command(config_name: str, task: Callable[[DictConfig, Path, list[str]]
 
 def _train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
     from segkit.config import train_job
-    from segkit.engine.trainer import train  # after Hydra has parsed: `--help` stays fast
+    from segkit.training.trainer import train  # after Hydra has parsed: `--help` stays fast
 
     summary = train(train_job(cfg), run_dir)
     if distributed.is_main_process():
@@ -240,22 +240,23 @@ def _train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
 
 
 def _eval(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
-    from segkit import checkpoint
-    from segkit.config import checkpoint_path, eval_job
-    from segkit.engine.evaluator import run_evaluation
+    from segkit.checkpoints.load import load_model
+    from segkit.config import checkpoint_path, eval_job, inference_options
+    from segkit.evaluation.evaluator import run_evaluation
 
     path = checkpoint_path(cfg)
-    eval_job(cfg, None, overrides)  # bad values are reported before a large checkpoint is read
-    ckpt = checkpoint.load_model(path)
-    run_evaluation(eval_job(cfg, ckpt.config, overrides), ckpt, run_dir)
+    inference_options(eval_job(cfg, None, overrides))  # bad values are reported before a large checkpoint is read
+    ckpt = load_model(path)
+    job = eval_job(cfg, ckpt.config, overrides)
+    run_evaluation(job, inference_options(job), ckpt, run_dir)
 
 
 def _export(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
-    from segkit import checkpoint
+    from segkit.checkpoints.load import load_model
     from segkit.config import checkpoint_path, export_model_job
-    from segkit.engine.model_export import export_model
+    from segkit.inference.export_job import export_model
 
-    ckpt = checkpoint.load_model(checkpoint_path(cfg))
+    ckpt = load_model(checkpoint_path(cfg))
     export_model(export_model_job(cfg, ckpt.config, overrides), ckpt)
 
 

@@ -2,7 +2,8 @@
 from hydra import compose, initialize_config_module
 
 from segkit.cli import register_resolvers
-from segkit.config import DatasetSettings, EvalJob, ExportModelJob, TrainJob, eval_job, export_model_job, train_job
+from segkit.config import eval_job, export_model_job, train_job
+from segkit.settings import DatasetSettings, EvalJob, ExportModelJob, TrainJob
 
 
 def compose_cfg(config_name: str, *overrides: str, hydra: bool = False):

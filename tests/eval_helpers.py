@@ -77,3 +77,14 @@ class FakeDataset:
 def normalise(image: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(image).permute(2, 0, 1).float() / 255
     return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+
+
+def multiscale(model: nn.Module, image: torch.Tensor, scales, flip: bool, base_size: int, crop_size: int,
+               num_classes: int, *, pad_value=0.0, argmax: bool = False, **options) -> torch.Tensor:
+    """``predict_multiscale`` with its views and geometry given positionally, as the tests spell
+    them, and any other inference option as a keyword."""
+    from segkit.inference.multiscale import predict_multiscale
+    from segkit.inference.options import InferenceOptions
+
+    return predict_multiscale(model, image, InferenceOptions(scales=scales, flip=flip, **options), base_size=base_size,
+                              crop_size=crop_size, num_classes=num_classes, pad_value=pad_value, argmax=argmax)

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from segkit.losses import SegmentationLoss
+from segkit.training.losses import SegmentationLoss
 
 # Each half has fewer than min_kept pixels below thresh (min_kept decides), the whole batch more.
 OHEM = {"thresh": 0.3, "min_kept": 80}

@@ -4,7 +4,10 @@ import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from segkit.engine.inference import predict_multiscale, predict_single, prepare_model
+from eval_helpers import multiscale
+from segkit.inference.multiscale import predict_single
+from segkit.inference.options import InferenceOptions
+from segkit.inference.prepare import prepare_model
 from segkit.models.bn_fold import fold_batchnorm
 from segkit.models.norm import get_norm_layer
 from segkit.models.resnest import create_backbone
@@ -99,8 +102,8 @@ def test_prepared_model_predicts_as_the_plain_one():
     assert not prepared.training
     assert prepared.head.classifier.weight.is_contiguous(memory_format=torch.channels_last)
     image = torch.randn(3, 40, 52)
-    expected = predict_multiscale(plain, image, [0.75, 1.0, 1.5], True, 48, 32, 5)
-    got = predict_multiscale(prepared, image, [0.75, 1.0, 1.5], True, 48, 32, 5)
+    expected = multiscale(plain, image, [0.75, 1.0, 1.5], True, 48, 32, 5)
+    got = multiscale(prepared, image, [0.75, 1.0, 1.5], True, 48, 32, 5)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -108,6 +111,6 @@ def test_prepared_model_predicts_as_the_plain_one():
 def test_compiled_model_predicts_as_the_plain_one():
     # One input shape, one compilation (tens of seconds on two cores).
     plain = segmentor()
-    compiled = prepare_model(segmentor(), "cpu", compile=True)
+    compiled = prepare_model(segmentor(), "cpu", InferenceOptions(compile=True))
     image = torch.randn(3, 48, 64)
     torch.testing.assert_close(predict_single(compiled, image), predict_single(plain, image), rtol=1e-4, atol=1e-4)

@@ -12,7 +12,7 @@ import torch
 
 import segkit.models.checkpointing as checkpointing
 from bench.memory import training_forward_bytes
-from segkit.losses import SegmentationLoss
+from segkit.training.losses import SegmentationLoss
 from segkit.models.resnest import BACKBONES, create_backbone
 from segkit.models.segmentor import Segmentor
 

@@ -6,7 +6,7 @@ import pytest
 
 from config_helpers import dataset_settings
 from data_helpers import make_folder
-from segkit.config import as_dict
+from segkit.settings import as_dict
 from segkit.data import DATASETS, DemoDataset, build_dataset
 from segkit.errors import ConfigError
 

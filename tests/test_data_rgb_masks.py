@@ -209,7 +209,7 @@ def test_rgb_tree_trains_and_evaluates_like_its_index_conversion(tmp_path, monke
     same validation numbers."""
     import torch
 
-    from segkit.engine.trainer import train
+    from segkit.training.trainer import train
 
     make_rgb_folder(tmp_path / "data")
     assert prepare.main(["folder", "--root", str(tmp_path / "data"), "--to-index", "--workers", "1"]) == 0

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from segkit import Predictor
-from segkit.deploy import GRAPH_FILES, deploy_model, example_size, export_graph
+from segkit.inference.deploy import GRAPH_FILES, deploy_model, example_size, export_graph
 from train_helpers import ROOT, env
 
 # Neither the export's example (2 x 35 x 53 at stride 8) nor the command's check sizes.
@@ -40,9 +40,11 @@ def normalised(batch, predictor):
 
 def pytorch_logits(predictor, batch):
     """What the Predictor computes at a single scale (its logits), image by image."""
-    from segkit.engine.inference import predict_image
+    from segkit.inference.multiscale import predict_image
+    from segkit.inference.options import InferenceOptions
     pre = predictor.label_space.preprocess
-    return torch.stack([predict_image(predictor.model, pre(image), pad_value=pre.pad_value) for image in batch]).numpy()
+    return torch.stack([predict_image(predictor.model, pre(image), InferenceOptions(), pad_value=pre.pad_value)
+                        for image in batch]).numpy()
 
 
 def assert_parity(run_graph, predictor, normalize_inside):

@@ -10,13 +10,14 @@ import torch.multiprocessing as mp
 from eval_helpers import ConvNet, FakeDataset
 
 from segkit import distributed
-from segkit.engine.inference import evaluate
-from segkit.export import MaskExporter
-from segkit.metrics import ConfusionMatrix
+from segkit.evaluation.loop import evaluate
+from segkit.evaluation.mask_export import MaskExporter
+from segkit.evaluation.metrics import ConfusionMatrix
+from segkit.inference.options import InferenceOptions
 
 NUM_CLASSES = 4
 SIZES = [(20, 30), (33, 17), (24, 24), (9, 40), (28, 21)]  # 5 images: shards of 3 and 2
-MULTISCALE = dict(scales=[0.75, 1.0], flip=True, base_size=32, crop_size=24, max_batch=3)
+MULTISCALE = InferenceOptions(scales=[0.75, 1.0], flip=True, max_batch=3)
 
 
 def _run(out_dir, progress):
@@ -32,8 +33,8 @@ def _run(out_dir, progress):
         if mask is not None:
             own.update(torch.from_numpy(pred), torch.from_numpy(mask))
 
-    result = evaluate(ConvNet(NUM_CLASSES), ds, callback=callback, num_workers=0,
-                      progress=progress, **MULTISCALE)
+    result = evaluate(ConvNet(NUM_CLASSES), ds, MULTISCALE, base_size=32, crop_size=24, callback=callback,
+                      num_workers=0, progress=progress)
     del result["seconds"]
     return result, own, seen
 

@@ -34,8 +34,8 @@ def test_checkpoint_alone_rebuilds_model_and_dataset(tmp_path, data_root, traine
     # Exported label PNGs (the demo's submission format: train ids) scored against the ground truth
     # give the printed numbers.
     from segkit.data import build_dataset
-    from segkit.metrics import ConfusionMatrix
-    from segkit.config import DemoDatasetSettings
+    from segkit.evaluation.metrics import ConfusionMatrix
+    from segkit.settings import DemoDatasetSettings
     dataset = build_dataset(DemoDatasetSettings(**torch.load(trained_last, weights_only=True)["config"]["dataset"]), "val")
     cm = ConfusionMatrix(dataset.num_classes)
     for i in range(len(dataset)):

@@ -12,10 +12,10 @@ from cityscapesscripts.helpers.labels import labels as cs_labels
 from PIL import Image
 from eval_helpers import FakeDataset, PixelNet
 
-from segkit.engine.inference import evaluate
+from segkit.evaluation.loop import evaluate
 from segkit.errors import ConfigError, DataError
-from segkit.export import MaskExporter
-from segkit.metrics import ConfusionMatrix
+from segkit.evaluation.mask_export import MaskExporter
+from segkit.evaluation.metrics import ConfusionMatrix
 
 TRAIN_TO_LABEL = np.array([next(lb.id for lb in cs_labels if lb.trainId == t) for t in range(19)],
                           dtype=np.uint8)

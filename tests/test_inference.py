@@ -11,10 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from bench.naive import naive_multiscale
-from eval_helpers import MEAN, STD, ConvNet, FakeDataset, PixelNet, StrideNet, normalise
-from segkit.engine.inference import evaluate, predict_multiscale, predict_single, resolve_max_batch
+from eval_helpers import MEAN, STD, ConvNet, FakeDataset, PixelNet, StrideNet, multiscale, normalise
 from segkit.errors import ConfigError
-from segkit.metrics import ConfusionMatrix
+from segkit.evaluation.loop import evaluate
+from segkit.evaluation.metrics import ConfusionMatrix
+from segkit.inference.multiscale import predict_single, resolve_max_batch
+from segkit.inference.options import InferenceOptions
+from segkit.inference.prepare import prepare_model
 
 
 @torch.inference_mode()
@@ -35,7 +38,7 @@ def test_native_scale_with_flip_is_twice_the_softmax(crop):
     # every window and in the mirrored copy, so the sum is exactly 2 x softmax.
     model = PixelNet(4).eval()
     image = torch.randn(3, 40, 56)
-    probs = predict_multiscale(model, image, [1.0], True, 56, crop, 4)
+    probs = multiscale(model, image, [1.0], True, 56, crop, 4)
     torch.testing.assert_close(probs, 2 * model.conv(image[None]).softmax(1)[0])
 
 
@@ -49,7 +52,7 @@ def test_multiscale_flip_recovers_blocky_label_map():
         model.conv.weight.copy_(10 * torch.eye(3).view(3, 3, 1, 1))
         model.conv.bias.zero_()
     image = F.one_hot(labels, num_classes).permute(2, 0, 1).float()
-    probs = predict_multiscale(model, image, [0.5, 0.75, 1.0, 1.5], True, 64, 40, num_classes,
+    probs = multiscale(model, image, [0.5, 0.75, 1.0, 1.5], True, 64, 40, num_classes,
                                max_batch=5)
     assert probs.shape == (num_classes, 48, 72)
     torch.testing.assert_close(probs.sum(0), torch.full((48, 72), 8.0))
@@ -58,7 +61,7 @@ def test_multiscale_flip_recovers_blocky_label_map():
     inner[3:-3] = True
     keep = inner.repeat(4)[:, None] & inner.repeat(6)[None, :]
     assert torch.equal(probs.argmax(0)[keep], labels[keep])
-    labels_out = predict_multiscale(model, image, [0.5, 1.0], False, 64, 40, num_classes,
+    labels_out = multiscale(model, image, [0.5, 1.0], False, 64, 40, num_classes,
                                     argmax=True)
     assert torch.equal(labels_out[keep], labels[keep])
 
@@ -67,12 +70,12 @@ def test_multiscale_flip_recovers_blocky_label_map():
 def test_sliding_window_equals_whole_image_away_from_window_borders():
     model = ConvNet(4).eval()
     image = torch.randn(3, 40, 56)
-    whole = predict_multiscale(model, image, [1.0], False, 56, 64, 4)
+    whole = multiscale(model, image, [1.0], False, 56, 64, 4)
     # Padding the bottom/right to the crop differs from the net's own zero padding only within
     # its 2-pixel reach of the border (the hidden layer is not zero there).
     direct = model(image[None])["out"].softmax(1)[0]
     torch.testing.assert_close(whole[:, :-2, :-2], direct[:, :-2, :-2])
-    sliding = predict_multiscale(model, image, [1.0], False, 56, 24, 4)
+    sliding = multiscale(model, image, [1.0], False, 56, 24, 4)
     # crop 24, stride 16: rows start at 0, 16 and columns at 0, 16, 32, so window edges inside
     # the image lie at rows 16, 24 and columns 16..40; keep 2 pixels away from them and from the
     # bottom/right border.
@@ -93,8 +96,8 @@ def test_batched_multiscale_flip_equals_naive_loop(size):
     # base 48, crop 32: scale 0.5 fits the crop, the others slide (0.75 also pads its short side).
     args = ([0.5, 0.75, 1.0, 1.25], True, 48, 32, 5)
     expected = naive_multiscale(model, image, *args)
-    torch.testing.assert_close(predict_multiscale(model, image, *args, max_batch=3), expected)
-    torch.testing.assert_close(predict_multiscale(model, image, *args, max_batch=64), expected)
+    torch.testing.assert_close(multiscale(model, image, *args, max_batch=3), expected)
+    torch.testing.assert_close(multiscale(model, image, *args, max_batch=64), expected)
 
 
 @torch.inference_mode()
@@ -102,12 +105,12 @@ def test_autocast_bf16_on_cpu_is_close():
     model = ConvNet(4).eval()
     image = torch.randn(3, 30, 40)
     args = ([0.75, 1.0], True, 40, 32, 4)
-    ref = predict_multiscale(model, image, *args)
-    low = predict_multiscale(model, image, *args, autocast="bf16")
+    ref = multiscale(model, image, *args)
+    low = multiscale(model, image, *args, amp="bf16")
     assert low.dtype == torch.float32
     torch.testing.assert_close(low, ref, atol=0.05, rtol=0)
     with pytest.raises(ConfigError, match="'fp8'"):
-        predict_multiscale(model, image, *args, autocast="fp8")
+        multiscale(model, image, *args, amp="fp8")
 
 
 def _calibrated_segmentor():
@@ -131,13 +134,12 @@ def _calibrated_segmentor():
 def test_bf16_agrees_with_fp32(how):
     # bf16 keeps 8 bits of mantissa: probabilities move by a few hundredths and only pixels whose
     # two best classes are that close can change their label.
-    from segkit.engine.inference import prepare_model
     model = _calibrated_segmentor()
     images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     reference = predict_single(prepare_model(copy.deepcopy(model), "cpu"), images).softmax(1)
-    bf16 = (prepare_model(copy.deepcopy(model), "cpu", dtype="bf16") if how == "dtype"
+    bf16 = (prepare_model(copy.deepcopy(model), "cpu", InferenceOptions(dtype="bf16")) if how == "dtype"
             else prepare_model(copy.deepcopy(model), "cpu"))
-    logits = predict_single(bf16, images, autocast="bf16" if how == "autocast" else None)
+    logits = predict_single(bf16, images, amp="bf16" if how == "autocast" else None)
     assert logits.dtype == torch.float32
     probs = logits.softmax(1)
     assert (probs - reference).abs().max() < 0.08
@@ -148,24 +150,23 @@ def test_bf16_agrees_with_fp32(how):
     assert agree.float().mean() > 0.9
     # Multi-scale + flip goes through the same forward.
     args = (images[0], [0.75, 1.0], True, 64, 48, 7)
-    ms_reference = predict_multiscale(prepare_model(copy.deepcopy(model), "cpu"), *args)
-    ms = predict_multiscale(bf16, *args, autocast="bf16" if how == "autocast" else None)
+    ms_reference = multiscale(prepare_model(copy.deepcopy(model), "cpu"), *args)
+    ms = multiscale(bf16, *args, amp="bf16" if how == "autocast" else None)
     assert (ms.argmax(0) == ms_reference.argmax(0)).float().mean() > 0.9
 
 
 @torch.inference_mode()
 def test_bf16_weights_are_cast_once_and_compute_what_autocast_computes():
-    from segkit.engine.inference import prepare_model
     model = _calibrated_segmentor()
-    weights = prepare_model(copy.deepcopy(model), "cpu", dtype="bf16")
+    weights = prepare_model(copy.deepcopy(model), "cpu", InferenceOptions(dtype="bf16"))
     assert {p.dtype for p in weights.parameters()} == {torch.bfloat16}
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     # On CPU autocast runs every layer of this model in bf16 too, from the same folded weights cast
     # to bf16: the two give the same logits; prepared weights skip the per-call casts.
-    autocast = predict_single(prepare_model(copy.deepcopy(model), "cpu"), images, autocast="bf16")
+    autocast = predict_single(prepare_model(copy.deepcopy(model), "cpu"), images, amp="bf16")
     torch.testing.assert_close(predict_single(weights, images), autocast, rtol=0, atol=0)
     with pytest.raises(ConfigError, match="model dtype must be one of .* got 'fp8'"):
-        prepare_model(copy.deepcopy(model), "cpu", dtype="fp8")
+        prepare_model(copy.deepcopy(model), "cpu", InferenceOptions(dtype="fp8"))
 
 
 def test_evaluate_single_scale_matches_direct_scoring():
@@ -188,7 +189,7 @@ def test_evaluate_single_scale_matches_direct_scoring():
 def test_evaluate_single_scale_with_flip_averages_the_mirror():
     ds = FakeDataset([(20, 30), (9, 40)])
     model = ConvNet(ds.num_classes).eval()
-    res = evaluate(model, ds, flip=True, pad_multiple=1, num_workers=0, progress=False)
+    res = evaluate(model, ds, InferenceOptions(flip=True), pad_multiple=1, num_workers=0, progress=False)
     expected = ConfusionMatrix(ds.num_classes)
     with torch.inference_mode():
         for image, mask in zip(ds.images, ds.masks):
@@ -203,7 +204,7 @@ def test_evaluate_single_scale_with_flip_averages_the_mirror():
 def test_evaluate_multiscale_with_loader_workers():
     ds = FakeDataset([(20, 30), (33, 17), (24, 24)])
     model = ConvNet(ds.num_classes)
-    res = evaluate(model, ds, scales=[0.75, 1.0], flip=True, base_size=32, crop_size=24,
+    res = evaluate(model, ds, InferenceOptions(scales=[0.75, 1.0], flip=True), base_size=32, crop_size=24,
                    convention="all", num_workers=1, progress=False)
     expected = ConfusionMatrix(ds.num_classes)
     with torch.inference_mode():
@@ -219,13 +220,13 @@ def test_evaluate_multiscale_with_loader_workers():
 def test_evaluate_rejects_bad_config_before_running():
     ds = FakeDataset([(8, 8)])
     with pytest.raises(ConfigError, match="base_size and crop_size"):
-        evaluate(PixelNet(4), ds, scales=[1.0], crop_size=8, num_workers=0)
+        evaluate(PixelNet(4), ds, InferenceOptions(scales=[1.0]), crop_size=8, num_workers=0)
     with pytest.raises(ConfigError, match="'mean'"):
         evaluate(PixelNet(4), ds, convention="mean", num_workers=0)
     with pytest.raises(ConfigError, match="max_batch.*'eight'"):
-        evaluate(PixelNet(4), ds, scales=[1.0], base_size=8, crop_size=8, max_batch="eight", num_workers=0)
+        InferenceOptions(scales=[1.0], max_batch="eight")
     with pytest.raises(ConfigError, match="max_batch.*got 0"):  # unused without scales, still checked
-        evaluate(PixelNet(4), ds, max_batch=0, num_workers=0)
+        InferenceOptions(max_batch=0)
 
 
 @pytest.mark.parametrize("max_batch,crop,device,expected", [

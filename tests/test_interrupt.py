@@ -17,9 +17,9 @@ import time
 import pytest
 import torch
 
-from segkit.engine.interrupt import StopSignals, resume_command
-from segkit.engine.resources import explain
-from segkit.engine.run_dir import read_metrics
+from segkit.training.interrupt import StopSignals, resume_command
+from segkit.training.resources import explain
+from segkit.training.run_dir import read_metrics
 from segkit.errors import ConfigError
 from segkit.files import append_line
 from data_helpers import make_folder
@@ -261,7 +261,7 @@ def test_killed_dataloader_worker_ends_with_the_cause(tmp_path, data_root):
     script.write_text(textwrap.dedent("""
         import os, signal, sys
         import torch.utils.data
-        from segkit.engine import sampler
+        from segkit.training import sampler
         from segkit.cli import train_main
 
         served = 0
@@ -299,7 +299,7 @@ def test_resume_command_replaces_resume_and_run_dir(monkeypatch, tmp_path):
 
 _SIGNALS = textwrap.dedent("""
     import os, signal, sys, time
-    from segkit.engine.interrupt import StopSignals
+    from segkit.training.interrupt import StopSignals
     first, second = (getattr(signal, name) for name in sys.argv[1:3])
     with StopSignals(forced=lambda: "last.pt holds iteration 7") as stop:
         if os.fork() == 0:  # a forked DataLoader worker: the signal is not its business

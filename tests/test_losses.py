@@ -15,7 +15,7 @@ from loss_helpers import OHEM, ddp_batch, loss_and_grads, ohem_worker
 
 from segkit.data import FolderDataset
 from segkit.errors import ConfigError
-from segkit.losses import (
+from segkit.training.losses import (
     Ohem,
     SegmentationLoss,
     auto_class_weights,

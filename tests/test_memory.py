@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.memory import saved_bytes, training_forward_bytes
-from segkit.losses import SegmentationLoss
+from segkit.training.losses import SegmentationLoss
 from segkit.models.resnest import create_backbone
 from segkit.models.segmentor import Segmentor
 

@@ -7,7 +7,7 @@ import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from segkit.errors import ConfigError, DataError
-from segkit.metrics import ConfusionMatrix, format_table
+from segkit.evaluation.metrics import ConfusionMatrix, format_table
 
 C = 6
 

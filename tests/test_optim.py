@@ -2,8 +2,8 @@
 from dataclasses import replace
 import pytest
 
-from segkit.engine.optim import build_optimizer, build_scheduler, poly_factor, scaled_lr
-from segkit.config import OptimSettings, ScheduleSettings
+from segkit.training.optim import build_optimizer, build_scheduler, poly_factor, scaled_lr
+from segkit.settings import OptimSettings, ScheduleSettings
 from segkit.models.resnest import create_backbone
 from segkit.models.segmentor import Segmentor
 

@@ -17,9 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.naive import naive_multiscale
-from eval_helpers import MEAN, STD, ConvNet, FakeDataset, PixelNet, normalise
-from segkit.engine.inference import _log_resize, evaluate, predict_multiscale
-from segkit.metrics import ConfusionMatrix
+from eval_helpers import MEAN, STD, ConvNet, FakeDataset, multiscale, normalise
+from segkit.evaluation.loop import evaluate
+from segkit.evaluation.metrics import ConfusionMatrix
+from segkit.inference.multiscale import _log_resize
+from segkit.inference.options import InferenceOptions
 from segkit.models.resnest import create_backbone
 from segkit.models.segmentor import Segmentor
 
@@ -120,9 +122,8 @@ def original_multiscale(model, image, scales, flip, base_size, crop, num_classes
 
 
 def _ours(model, image, scales, flip, base, crop, **kwargs):
-    return predict_multiscale(model, image, scales, flip, base, crop, NUM_CLASSES, pad_value=PAD,
-                              fusion="original", window_placement="original", align_corners=True,
-                              **kwargs)
+    return multiscale(model, image, scales, flip, base, crop, NUM_CLASSES, pad_value=PAD,
+                      fusion="original", window_placement="original", align_corners=True, **kwargs)
 
 
 # (image size, scales, flip, base size, crop): scales that fit the crop, that slide, that pad their
@@ -159,8 +160,8 @@ def test_original_windows_overhang_and_get_padded(model):
     # one 8 px wide, padded to 16), border columns at 0, 10, 12: the predictions must differ.
     image = torch.randn(3, 16, 28, generator=torch.Generator().manual_seed(3))
     args = (model, image, [1.0], False, 28, 16, NUM_CLASSES)
-    original = predict_multiscale(*args, pad_value=PAD, window_placement="original")
-    border = predict_multiscale(*args, pad_value=PAD, window_placement="border")
+    original = multiscale(*args, pad_value=PAD, window_placement="original")
+    border = multiscale(*args, pad_value=PAD, window_placement="border")
     assert (original - border).abs().amax() > 1e-3
     # The columns only the last border window reaches differently: 0..9 see the same windows.
     torch.testing.assert_close(original[:, :, :10], border[:, :, :10])
@@ -192,11 +193,11 @@ def test_softmax_border_without_align_corners_is_the_naive_loop():
     image = torch.randn(3, 37, 23, generator=torch.Generator().manual_seed(7))
     args = ([0.5, 0.75, 1.0, 1.25], True, 32, 24, NUM_CLASSES)
     expected = naive_multiscale(model, image, *args, pad=PAD, align_corners=False)
-    got = predict_multiscale(model, image, *args, pad_value=PAD, max_batch=3, align_corners=False,
-                             fusion="softmax", window_placement="border")
+    got = multiscale(model, image, *args, pad_value=PAD, max_batch=3, align_corners=False,
+                     fusion="softmax", window_placement="border")
     torch.testing.assert_close(got, expected)
     # ... and align_corners really changes the result (default True).
-    assert (predict_multiscale(model, image, *args, pad_value=PAD) - expected).abs().amax() > 1e-3
+    assert (multiscale(model, image, *args, pad_value=PAD) - expected).abs().amax() > 1e-3
 
 
 @pytest.mark.parametrize("align_corners", [True, False])
@@ -215,12 +216,12 @@ def test_evaluate_passes_the_options_through():
     ds = FakeDataset([(20, 30), (33, 17)])
     model = ConvNet(ds.num_classes).eval()
     options = dict(fusion="original", window_placement="original", align_corners=True)
-    res = evaluate(model, ds, scales=[0.75, 1.0], flip=True, base_size=32, crop_size=24,
-                   num_workers=0, progress=False, **options)
+    res = evaluate(model, ds, InferenceOptions(scales=[0.75, 1.0], flip=True, **options), base_size=32,
+                   crop_size=24, num_workers=0, progress=False)
     expected = ConfusionMatrix(ds.num_classes)
     for image, mask in zip(ds.images, ds.masks):
-        pred = predict_multiscale(model, normalise(image), [0.75, 1.0], True, 32, 24, ds.num_classes,
-                                  pad_value=PAD, argmax=True, **options)
+        pred = multiscale(model, normalise(image), [0.75, 1.0], True, 32, 24, ds.num_classes,
+                          pad_value=PAD, argmax=True, **options)
         expected.update(pred, torch.from_numpy(mask))
     assert res["IoU"] == pytest.approx(expected.compute()["IoU"], nan_ok=True)
     assert res["pixAcc"] == expected.compute()["pixAcc"]
@@ -229,10 +230,6 @@ def test_evaluate_passes_the_options_through():
 @pytest.mark.parametrize("option,value", [("fusion", "mean"), ("fusion", "Original"),
                                           ("window_placement", "centre"), ("window_placement", None)])
 def test_bad_option_values_are_rejected(option, value):
-    model = PixelNet(4).eval()
-    pattern = f"{option} must be one of .* got {value!r}"
-    with pytest.raises(ValueError, match=pattern):
-        predict_multiscale(model, torch.zeros(3, 8, 8), [1.0], False, 8, 8, 4, **{option: value})
-    with pytest.raises(ValueError, match=pattern):  # before any image is evaluated
-        evaluate(model, FakeDataset([(8, 8)]), scales=[1.0], base_size=8, crop_size=8,
-                 num_workers=0, progress=False, **{option: value})
+    # The options object refuses them when built, before any image is predicted.
+    with pytest.raises(ValueError, match=f"{option} must be one of .* got {value!r}"):
+        InferenceOptions(scales=[1.0], **{option: value})

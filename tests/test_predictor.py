@@ -9,9 +9,10 @@ from PIL import Image
 
 from data_helpers import make_folder
 from segkit import Prediction, Predictor
-from segkit.checkpoint import load_model
+from segkit.checkpoints.load import load_model
 from segkit.data.label_space import LabelSpace
-from segkit.engine.inference import predict_image
+from segkit.inference.multiscale import predict_image
+from segkit.inference.options import InferenceOptions
 from segkit.errors import CheckpointError, DataError
 from train_helpers import TINY, run, run_eval
 
@@ -34,7 +35,7 @@ def test_predictor_gives_eval_seg_exported_labels(tmp_path, data_root, trained_b
     masks = tmp_path / "masks"
     run_eval([f"checkpoint={trained_best}", f"hydra.run.dir={tmp_path / 'e'}", f"export.dir={masks}", *options], data_root)
     predictor = Predictor.from_checkpoint(trained_best, device="cpu", tta=tta)
-    assert predictor.scales == ((0.75, 1.0, 1.25) if tta else None) and predictor.flip is tta
+    assert predictor.options.scales == ((0.75, 1.0, 1.25) if tta else None) and predictor.options.flip is tta
     files = val_images(data_root)
     assert len(files) == 2
     one_by_one = [predictor.predict(f) for f in files]
@@ -75,7 +76,7 @@ def test_every_input_kind_gives_the_same_prediction(data_root, trained_best):
     assert probs.shape == (7, 37, 45) and np.allclose(probs.sum(0), 1, atol=1e-5)
     assert (probs.argmax(0) == reference.labels).all()
     x = predictor.label_space.preprocess(torch.from_numpy(rgb))
-    logits = predict_image(predictor.model, x, pad_value=predictor.label_space.preprocess.pad_value)
+    logits = predict_image(predictor.model, x, InferenceOptions(), pad_value=predictor.label_space.preprocess.pad_value)
     assert np.allclose(probs, logits.softmax(0).numpy(), atol=1e-6)
     tta = Predictor.from_checkpoint(trained_best, device="cpu", tta=[0.5, 1.0]).predict(rgb, probabilities=True)
     assert np.allclose(tta.probabilities.sum(0), 1, atol=1e-5) and (tta.probabilities.argmax(0) == tta.labels).all()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from segkit import Predictor
-from segkit.checkpoint import load_model
+from segkit.checkpoints.load import load_model
 from segkit.errors import CheckpointError
 from segkit.files import load_file, sha256_file
 from train_helpers import ROOT, env

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from segkit.engine.sampler import IterationBatchSampler, SeededSamples
+from segkit.training.sampler import IterationBatchSampler, SeededSamples
 
 
 def _global_batches(n, batch, iters, world, accum, start=0):

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from segkit.config import BackboneSettings, ModelSettings
-from segkit.losses import SegmentationLoss
+from segkit.settings import BackboneSettings, ModelSettings
+from segkit.training.losses import SegmentationLoss
 from segkit.models.heads import ASPP_RATES
 from segkit.models.resnest import create_backbone
 from segkit.models.segmentor import Segmentor, build_segmentor, resize_logits

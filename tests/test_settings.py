@@ -6,8 +6,8 @@ import typing
 import pytest
 
 from config_helpers import compose_cfg, eval_settings, export_settings, train_settings
-from segkit.config import (DemoDatasetSettings, EvalJob, TrainJob, as_dict, check_world_size, eval_job,
-                           export_model_job)
+from segkit.config import eval_job, export_model_job
+from segkit.settings import DemoDatasetSettings, EvalJob, TrainJob, as_dict, check_world_size
 from segkit.errors import ConfigError
 
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from segkit.checkpoint import load_training, restore_model
+from segkit.checkpoints.checkpoint import load_training, restore_model
 from segkit.errors import CheckpointError
 from segkit.models.resnest import create_backbone
 from segkit.models.segmentor import Segmentor

@@ -14,9 +14,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from config_helpers import compose_cfg, eval_settings, train_settings
-from segkit.checkpoint import load_model
-from segkit.engine.evaluator import run_evaluation
-from segkit.engine.trainer import Trainer, build_training, train
+from segkit.checkpoints.load import load_model
+from segkit.evaluation.evaluator import run_evaluation
+from segkit.config import inference_options
+from segkit.training.trainer import Trainer, build_training, train
 from train_helpers import TINY, records
 
 
@@ -46,11 +47,11 @@ def test_train_then_evaluate_in_process(tmp_path, capsys):
     ckpt = load_model(tmp_path / "run" / "best.pt")
     job = eval_settings("eval.progress=false", "eval.workers=0", "eval.scales=[1.0]", "eval.flip=false",
                         saved=ckpt.config)
-    record = run_evaluation(job, ckpt, tmp_path / "eval")
+    record = run_evaluation(job, inference_options(job), ckpt, tmp_path / "eval")
     assert record["num_images"] == 2 and record["dataset"] == "demo"
     assert record["mIoU"] == pytest.approx(summary["val_mIoU"], abs=0.05)
     with pytest.raises(Exception, match="holds an earlier evaluation"):
-        run_evaluation(job, ckpt, tmp_path / "eval")
+        run_evaluation(job, inference_options(job), ckpt, tmp_path / "eval")
 
 
 def _run_dir_for(*overrides: str) -> Path:
@@ -86,7 +87,7 @@ def test_original_preset_reaches_the_evaluation(tmp_path):
     assert (job.eval.fusion, job.eval.window_placement, job.eval.align_corners, job.eval.flip) == (
         "original", "original", True, True)
     assert job.eval.scales == ckpt.config["dataset"]["eval_scales"]
-    record = run_evaluation(job, ckpt, tmp_path / "eval")
+    record = run_evaluation(job, inference_options(job), ckpt, tmp_path / "eval")
     assert (record["fusion"], record["window_placement"]) == ("original", "original")
 
 
@@ -115,7 +116,8 @@ import resource, sys, torch
 from torch import nn
 sys.path.insert(0, {tests!r})
 from test_train_inprocess import Huge
-from segkit.engine.inference import evaluate
+from segkit.evaluation.loop import evaluate
+from segkit.inference.options import InferenceOptions
 torch.set_num_threads(2)
 
 class Windowed(nn.Module):  # per-pixel scores; refuses anything larger than a 512 x 512 window
@@ -128,7 +130,8 @@ class Windowed(nn.Module):  # per-pixel scores; refuses anything larger than a 5
         return {{"out": self.head(x)}}
 
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-evaluate(Windowed().eval(), Huge(), crop_size=512, pad_multiple=1, max_size=2048, num_workers=0, progress=False)
+evaluate(Windowed().eval(), Huge(), InferenceOptions(max_size=2048), crop_size=512, pad_multiple=1, num_workers=0,
+         progress=False)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
 """
 

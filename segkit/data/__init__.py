@@ -1,7 +1,7 @@
 """Datasets returning (image, mask) pairs with masks in train ids and 255 = ignore.
 
 ``build_dataset(settings, split)`` builds one from the typed dataset settings
-(:class:`segkit.config.DatasetSettings`); ``split`` is a split name of the dataset's layout or one
+(:class:`segkit.settings.DatasetSettings`); ``split`` is a split name of the dataset's layout or one
 of the aliases ``train`` / ``val`` (resolved through ``train_split`` / ``val_split``). A folder
 dataset also takes ``mask_format`` (index | rgb | auto) and ``mask_dir`` (default ``masks``).
 """
@@ -22,7 +22,7 @@ from segkit.errors import ConfigError
 if TYPE_CHECKING:
     import albumentations as A
 
-    from segkit.config import DatasetSettings
+    from segkit.settings import DatasetSettings
 
 DATASETS: dict[str, type[SegmentationDataset]] = {
     "ade20k": ADE20KDataset,

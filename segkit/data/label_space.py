@@ -21,15 +21,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from segkit.data import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, DATASETS,
-                         DEMO_CLASSES, DEMO_PALETTE)
+from segkit.data import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, DATASETS, DEMO_CLASSES,
+                         DEMO_PALETTE)
 from segkit.data.base import SegmentationDataset, make_lut
 from segkit.data.folder import read_class_file
 from segkit.data.pascal_context import label_space as pascal_context_classes
 from segkit.data.preprocess import Preprocess
 
 if TYPE_CHECKING:
-    from segkit.config import DatasetSettings
+    from segkit.settings import DatasetSettings
 
 #: Label spaces fixed by a built-in dataset (a folder dataset's live in its classes.yaml; Pascal
 #: Context's depend on its num_classes).

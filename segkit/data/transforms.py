@@ -6,7 +6,7 @@ normalisation (:class:`~segkit.data.preprocess.Preprocess`). Evaluation reads wh
 normalises them itself.
 
 albumentations' ``Compose`` owns a random generator that global seeds do not touch; training
-seeds it per sample (:class:`segkit.engine.sampler.SeededSamples`). Pass ``seed=`` to
+seeds it per sample (:class:`segkit.training.sampler.SeededSamples`). Pass ``seed=`` to
 :func:`build_train_transform` to make a standalone pipeline reproducible.
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ from segkit.models.pretrained import load_pretrained
 from segkit.models.resnest import ResNeSt, create_backbone
 
 if TYPE_CHECKING:
-    from segkit.config import BackboneSettings, ModelSettings
+    from segkit.settings import BackboneSettings, ModelSettings
 
 
 def resize_logits(logits: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:
@@ -32,7 +32,7 @@ class Segmentor(nn.Module):
     In eval mode ``forward`` returns ``{"out": logits}`` at the input size, upsampled bilinearly
     with ``align_corners`` as configured (the original code uses True). In training mode it
     returns the logits at the heads' resolution (the input size / output stride), ``"out"`` plus
-    ``"aux"`` (the FCN head on c3): :class:`segkit.losses.SegmentationLoss` upsamples them to the
+    ``"aux"`` (the FCN head on c3): :class:`segkit.training.losses.SegmentationLoss` upsamples them to the
     target inside its cross-entropy, with the same ``align_corners``, so that no full-resolution
     logits are kept for backward.
     """

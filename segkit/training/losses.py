@@ -545,7 +545,7 @@ def load_class_weights(path: str | Path, *, num_classes: int | None = None,
     except (OSError, ValueError) as e:
         raise LossConfigError(f"{path}: cannot read class weights ({e})") from None
     if not isinstance(record, dict) or record.get("format") != _WEIGHTS_FORMAT:
-        raise LossConfigError(f"{path}: not a class weights file (written by segkit.losses.save_class_weights)")
+        raise LossConfigError(f"{path}: not a class weights file (written by segkit.training.losses.save_class_weights)")
     try:
         weights = check_class_weights(record.get("weights"), num_classes)
     except LossConfigError as e:

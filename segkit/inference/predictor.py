@@ -9,8 +9,8 @@ batching, multi-scale + flip) and predictions that know their classes::
     prediction.save("out/", kinds=("labels", "color", "overlay"))
 
 The predictions are the evaluator's: each image goes through
-:func:`~segkit.engine.inference.predict_image`, as in :func:`~segkit.engine.inference.evaluate`,
-with the same preprocessing, model preparation and defaults, so ``eval_seg.py``'s exported labels
+:func:`~segkit.inference.multiscale.predict_image`, as in :func:`~segkit.evaluation.loop.evaluate`,
+with the same preprocessing, model preparation and options, so ``eval_seg.py``'s exported labels
 and these agree pixel for pixel on the same device and precision. ``eval_seg.py
 predict.input=DIR`` runs through this class.
 """
@@ -27,16 +27,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-from segkit import checkpoint
-from segkit.checkpoint import ModelCheckpoint, label_space_of, restore_model
-from segkit.config import BackboneSettings, ModelSettings, saved_settings
+from segkit.checkpoints.checkpoint import label_space_of
+from segkit.checkpoints.load import load_model
 from segkit.data.base import read_image, rgb_array
 from segkit.data.label_space import LabelSpace
-from segkit.engine.inference import (AutocastDtype, check_multiscale_options, predict_image, prepare_model,
-                                     probabilities, resolve_max_batch)
 from segkit.errors import CheckpointError, ConfigError
-from segkit.export import colorize, overlay, write_masks
-from segkit.models.segmentor import build_segmentor
+from segkit.inference.masks import colorize, overlay, write_masks
+from segkit.inference.multiscale import predict_image, probabilities, resolve_max_batch
+from segkit.inference.options import InferenceOptions
+from segkit.inference.prepare import load_network
+from segkit.settings import saved_settings
 
 #: One input of :meth:`Predictor.predict`: an image file, a PIL image, an H x W x 3 uint8 RGB array
 #: or a 3 x H x W RGB tensor (uint8 0..255, or floating point 0..1).
@@ -100,64 +100,45 @@ def resolve_device(device: torch.device | str) -> torch.device:
         raise ValueError(f"device={device!r} is not a device; use auto, cpu or cuda") from e
 
 
-def load_network(ckpt: ModelCheckpoint, backbone: BackboneSettings, model: ModelSettings, num_classes: int,
-                 device: torch.device, *, channels_last: bool = True, fold_bn: bool = True,
-                 dtype: AutocastDtype = None, compile: bool = False) -> nn.Module:
-    """The segmentor ``backbone`` and ``model`` describe, with ``ckpt``'s weights, prepared for
-    inference on ``device`` (:func:`~segkit.engine.inference.prepare_model`)."""
-    net = build_segmentor(backbone, model, num_classes, load_weights=False)
-    restore_model(net, ckpt.state, ckpt.path, ckpt.config, backbone.name, num_classes)
-    return prepare_model(net, device, channels_last=channels_last, fold_bn=fold_bn, dtype=dtype, compile=compile)
-
-
-def tta_options(tta: TTA, label_space: LabelSpace) -> tuple[tuple[float, ...] | None, bool]:
-    """``(scales, flip)`` of ``tta``: False = the whole image once; True = the dataset's evaluation
-    scales (the whole image when it has none) with flip; a list = those scales with flip."""
+def tta_options(tta: TTA, label_space: LabelSpace) -> dict[str, Any]:
+    """The ``scales`` and ``flip`` options of ``tta``: False = the whole image once; True = the
+    dataset's evaluation scales (the whole image when it has none) with flip; a list = those scales
+    with flip."""
     if tta is False:
-        return None, False
+        return {"scales": None, "flip": False}
     if tta is True:
-        return label_space.eval_scales, True
-    scales = tuple(tta) if isinstance(tta, Sequence) and not isinstance(tta, str) else ()
-    if not scales or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in scales):
+        return {"scales": label_space.eval_scales, "flip": True}
+    if not (isinstance(tta, Sequence) and not isinstance(tta, str) and tta):
         raise ValueError(f"tta must be False, True or a non-empty list of scales > 0, got {tta!r}")
-    return tuple(float(s) for s in scales), True
+    return {"scales": tuple(tta), "flip": True}
 
 
 class Predictor:
     """Predicts with a prepared model (eval mode, on ``device``) in ``label_space``.
 
-    ``scales`` (None: the whole image at its size) and ``flip`` choose the test-time augmentation,
-    ``max_batch`` the windows per forward (``"auto"``: as ``eval.max_batch``), ``output_stride`` the
-    multiple images are padded to, ``autocast`` an optional bf16/fp16 autocast. Build one with
-    :meth:`from_checkpoint` or :meth:`from_pretrained`.
+    ``options`` (:class:`~segkit.inference.options.InferenceOptions`) choose the test-time
+    augmentation and its numerics, as ``eval.*`` does for ``eval_seg.py``; as a convenience its
+    fields may also be given as keyword arguments (``scales=[0.75, 1.0], flip=True``), which
+    replace those of ``options`` (``autocast`` is the ``amp`` field). ``output_stride`` is the
+    multiple images are padded to. Build one with :meth:`from_checkpoint` or :meth:`from_pretrained`.
     """
 
     def __init__(self, model: nn.Module, label_space: LabelSpace, *, device: torch.device | str,
-                 scales: Sequence[float] | None = None, flip: bool = False, output_stride: int = 8,
-                 max_batch: int | str = "auto", autocast: AutocastDtype = None, align_corners: bool = True,
-                 fusion: str = "softmax", window_placement: str = "border", max_size: int | None = None) -> None:
-        check_multiscale_options(fusion, window_placement)
+                 output_stride: int = 8, options: InferenceOptions | None = None, **fields: Any) -> None:
         self.model = model
         self.label_space = label_space
         self.device = resolve_device(device)
-        self.scales = None if scales is None else tuple(scales)
-        self.flip = flip
         self.output_stride = output_stride
-        self.max_batch = max_batch
-        self.autocast = autocast
-        # As eval.align_corners, eval.fusion, eval.window_placement and eval.max_size.
-        self.align_corners, self.fusion, self.window_placement = align_corners, fusion, window_placement
-        self.max_size = max_size
-        resolve_max_batch(max_batch, label_space.crop_size, self.device)  # a bad value fails now
+        self.options = _with_fields(options or InferenceOptions(), fields)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: torch.device | str = "auto", tta: TTA = False,
-                        **options: Any) -> Predictor:
+                        options: InferenceOptions | None = None, **fields: Any) -> Predictor:
         """A segkit checkpoint (``best.pt``, ``last.pt``) or release directory. ``tta``: False, True
-        (the dataset's evaluation scales with flip) or a list of scales (with flip). ``options``:
-        ``max_batch``, ``autocast``, ``align_corners``, ``fusion``, ``window_placement``, ``max_size``,
-        and ``channels_last`` / ``fold_bn`` / ``compile`` as ``eval.*``."""
-        ckpt = checkpoint.load_model(Path(path))
+        (the dataset's evaluation scales with flip) or a list of scales (with flip). ``options`` and
+        ``fields`` as for the constructor; the model is prepared as they say (``channels_last``,
+        ``fold_bn``, ``dtype``, ``compile``, as ``eval.*``)."""
+        ckpt = load_model(Path(path))
         if ckpt.config is None:
             raise CheckpointError(
                 f"{path} is a bare state dict: it does not say which network and classes it holds. Make a "
@@ -168,20 +149,18 @@ class Predictor:
             raise CheckpointError(f"{path}: its saved settings are unusable ({e})") from None
         space = label_space_of(ckpt, settings.dataset)
         device = resolve_device(device)
-        prepare = {k: options.pop(k) for k in ("channels_last", "fold_bn", "dtype", "compile") if k in options}
-        model = load_network(ckpt, settings.backbone, settings.model, space.num_classes, device, **prepare)
-        scales, flip = tta_options(tta, space)
-        return cls(model, space, device=device, scales=scales, flip=flip,
-                   output_stride=settings.backbone.output_stride, **options)
+        chosen = _with_fields(options or InferenceOptions(), {**tta_options(tta, space), **fields})
+        model = load_network(ckpt, settings.backbone, settings.model, space.num_classes, device, chosen)
+        return cls(model, space, device=device, output_stride=settings.backbone.output_stride, options=chosen)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: torch.device | str = "auto", tta: TTA = False,
-                        **options: Any) -> Predictor:
+                        options: InferenceOptions | None = None, **fields: Any) -> Predictor:
         """A release directory written by ``segkit-export format=pretrained`` (no network access, no
         training config needed); arguments as :meth:`from_checkpoint`."""
         if not Path(directory).expanduser().is_dir():
             raise CheckpointError(f"{directory} is not a release directory (model.safetensors + config.json)")
-        return cls.from_checkpoint(directory, device, tta, **options)
+        return cls.from_checkpoint(directory, device, tta, options, **fields)
 
     def predict(self, x: ImageInput | Sequence[ImageInput], probabilities: bool = False
                 ) -> Prediction | list[Prediction]:
@@ -203,7 +182,7 @@ class Predictor:
                      else self._normalised(chunk[0])[None])
             scores = self._scores(batch)
             labels = scores.argmax(1).cpu().numpy()
-            probs = (probabilities(scores, scales=self.scales, flip=self.flip, fusion=self.fusion).cpu().numpy()
+            probs = (probabilities(scores, self.options).cpu().numpy()
                      if want_probabilities else [None] * len(chunk))
             out += [Prediction(labels[k], image.rgb, self.label_space, probs[k], image.name)
                     for k, image in enumerate(chunk)]
@@ -217,8 +196,8 @@ class Predictor:
         for image in images:
             h, w = image.pixels.shape[-2:]
             last = chunks[-1] if chunks else None
-            fits = (last is not None and self.scales is None and last[0].pixels.shape[-2:] == (h, w)
-                    and len(last) < resolve_max_batch(self.max_batch, max(h, w), self.device))
+            fits = (last is not None and self.options.scales is None and last[0].pixels.shape[-2:] == (h, w)
+                    and len(last) < resolve_max_batch(self.options.max_batch, max(h, w), self.device))
             if fits:
                 last.append(image)
             else:
@@ -234,13 +213,18 @@ class Predictor:
 
     def _scores(self, batch: torch.Tensor) -> torch.Tensor:
         s = self.label_space
-        windows = self.scales is not None or self.max_size is not None
-        max_batch = resolve_max_batch(self.max_batch, s.crop_size if windows else None, self.device)
-        return predict_image(self.model, batch, scales=self.scales, flip=self.flip, base_size=s.base_size,
-                             crop_size=s.crop_size, num_classes=s.num_classes, pad_multiple=self.output_stride,
-                             pad_value=s.preprocess.pad_value, max_batch=max_batch, autocast=self.autocast,
-                             align_corners=self.align_corners, fusion=self.fusion,
-                             window_placement=self.window_placement, max_size=self.max_size)
+        return predict_image(self.model, batch, self.options, base_size=s.base_size, crop_size=s.crop_size,
+                             num_classes=s.num_classes, pad_multiple=self.output_stride,
+                             pad_value=s.preprocess.pad_value)
+
+
+def _with_fields(options: InferenceOptions, fields: dict[str, Any]) -> InferenceOptions:
+    """``options`` with ``fields`` replaced (``autocast``: the ``amp`` field); TypeError naming an
+    unknown one."""
+    if "autocast" in fields:
+        fields = dict(fields)
+        fields["amp"] = fields.pop("autocast")
+    return options.replace(**fields) if fields else options
 
 
 @dataclass

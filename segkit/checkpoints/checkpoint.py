@@ -11,7 +11,8 @@ A segkit checkpoint is a dict saved with ``torch.save`` and read with ``weights_
   and ``rng`` (every rank's RNG states), which make a resumed run continue exactly.
 
 Evaluation also reads PyTorch-Encoding's DeepLabV3 state dicts (also their ``checkpoint.pth.tar``
-training files), bare state dicts and release directories (:mod:`segkit.release`).
+training files), bare state dicts and release directories (:mod:`segkit.checkpoints.release`):
+:func:`segkit.checkpoints.load.load_model` reads them all.
 """
 from __future__ import annotations
 
@@ -27,11 +28,10 @@ from segkit import __version__
 from segkit.data.label_space import LabelSpace
 from segkit.errors import CheckpointError, DataError
 from segkit.files import load_file, save_atomic
-from segkit.models.convert import convert_encoding_state_dict, is_encoding_state_dict
-from segkit.models.pretrained import load_into, unwrap_state_dict
+from segkit.models.pretrained import load_into
 
 if TYPE_CHECKING:
-    from segkit.config import DatasetSettings
+    from segkit.settings import DatasetSettings
 
 TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "best_miou", "rng")
 
@@ -87,23 +87,6 @@ def read_label_space(data: Any, source: Path) -> LabelSpace:
         return LabelSpace.from_dict(data)
     except ValueError as e:
         raise CheckpointError(f"{source}: unusable label space ({e})") from None
-
-
-def load_model(path: Path) -> ModelCheckpoint:
-    """A segkit checkpoint or release directory, a PyTorch-Encoding DeepLabV3 state dict or a bare
-    state dict."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        from segkit.release import read_release  # the release format builds on this module
-
-        return read_release(path)
-    obj = load_file(path)
-    if isinstance(obj, dict) and "model" in obj and "config" in obj:
-        space = read_label_space(obj["label_space"], path) if "label_space" in obj else None
-        return ModelCheckpoint(path, obj["model"], obj["config"], space, obj.get("iteration"), obj.get("metrics"))
-    state = unwrap_state_dict(obj, str(path))
-    return ModelCheckpoint(path, convert_encoding_state_dict(state) if is_encoding_state_dict(state) else state,
-                           None)
 
 
 def label_space_of(ckpt: ModelCheckpoint, settings: DatasetSettings) -> LabelSpace:

@@ -1,18 +1,18 @@
-"""``segkit-export``'s work: a checkpoint becomes a release directory (:mod:`segkit.release`) or a
-deployment graph (:mod:`segkit.deploy`) checked against PyTorch, written whole or not at all."""
+"""``segkit-export``'s work: a checkpoint becomes a release directory (:mod:`segkit.checkpoints.release`) or a
+deployment graph (:mod:`segkit.inference.deploy`) checked against PyTorch, written whole or not at all."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from segkit.checkpoint import ModelCheckpoint, label_space_of
-from segkit.config import ExportModelJob, as_dict
-from segkit.deploy import GRAPH_FILES, check_parity, deploy_model, export_graph, load_graph, usage
+from segkit.checkpoints.checkpoint import ModelCheckpoint, label_space_of
+from segkit.checkpoints.release import read_release, release_config, write_meta, write_release
 from segkit.errors import ConfigError, ExportError
 from segkit.files import write_dir_atomic
-from segkit.predictor import load_network
-from segkit.release import read_release, release_config, write_meta, write_release
+from segkit.inference.deploy import GRAPH_FILES, check_parity, deploy_model, export_graph, load_graph, usage
+from segkit.inference.prepare import load_network
+from segkit.settings import ExportModelJob, as_dict
 
 
 def export_model(job: ExportModelJob, ckpt: ModelCheckpoint) -> Path:

@@ -7,7 +7,7 @@ network access or the training config::
     README.md           a model card: backbone, dataset, iterations, metrics, classes, sha256
 
 :func:`read_release` checks the directory (files present, weights matching the sha256 that
-config.json records) and returns a :class:`~segkit.checkpoint.ModelCheckpoint`, so everything that
+config.json records) and returns a :class:`~segkit.checkpoints.checkpoint.ModelCheckpoint`, so everything that
 reads checkpoints (``Predictor.from_pretrained``, ``eval_seg.py checkpoint=DIR``, ``segkit-export``)
 reads releases too.
 """
@@ -24,7 +24,7 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
 from segkit import __version__
-from segkit.checkpoint import ModelCheckpoint, read_label_space
+from segkit.checkpoints.checkpoint import ModelCheckpoint, read_label_space
 from segkit.data.label_space import LabelSpace
 from segkit.errors import CheckpointError
 from segkit.files import sha256_file, write_text_atomic

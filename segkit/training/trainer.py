@@ -5,7 +5,7 @@ optimizer, schedule, loss, the checkpoint to continue from); :class:`Trainer` ru
 Every rank runs both; rank 0 alone owns and writes the run directory (``config.yaml``, ``last.pt``,
 ``best.pt``, ``metrics.jsonl``, TensorBoard events) and shows progress. ``train.batch_size`` is the
 total over ranks and accumulation steps; each step sees the same samples, with the same
-augmentations, whatever the process layout (see :mod:`segkit.engine.sampler`).
+augmentations, whatever the process layout (see :mod:`segkit.training.sampler`).
 """
 from __future__ import annotations
 
@@ -26,22 +26,24 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from segkit import checkpoint, distributed
-from segkit.config import TrainJob, as_dict, check_world_size
+from segkit import distributed
+from segkit.checkpoints import checkpoint
 from segkit.data import build_dataset, train_transform
 from segkit.data.base import SegmentationDataset
 from segkit.data.label_space import LabelSpace
 from segkit.distributed import Env, all_reduce, setup_distributed
-from segkit.engine import resources
-from segkit.engine.inference import AUTOCAST_DTYPES, evaluate
-from segkit.engine.interrupt import Interrupted, StopSignals
-from segkit.engine.optim import build_optimizer, build_scheduler
-from segkit.engine.run_dir import RunLock, RunRecords, take_run_dir
-from segkit.engine.sampler import IterationBatchSampler, SeededSamples
 from segkit.errors import CheckpointError, ConfigError, SegkitError
-from segkit.export import comparison
-from segkit.losses import Ohem, SegmentationLoss, auto_class_weights
+from segkit.evaluation.loop import evaluate
+from segkit.inference.masks import comparison
+from segkit.inference.options import AUTOCAST_DTYPES, InferenceOptions
 from segkit.models.segmentor import Segmentor, build_segmentor
+from segkit.settings import TrainJob, as_dict, check_world_size
+from segkit.training import resources
+from segkit.training.interrupt import Interrupted, StopSignals
+from segkit.training.losses import Ohem, SegmentationLoss, auto_class_weights
+from segkit.training.optim import build_optimizer, build_scheduler
+from segkit.training.run_dir import RunLock, RunRecords, take_run_dir
+from segkit.training.sampler import IterationBatchSampler, SeededSamples
 
 
 class TrainingDiverged(SegkitError):
@@ -196,6 +198,8 @@ class Trainer:
         self.job, self.env, self.model = parts.job, parts.env, parts.model
         self.memory_format = torch.channels_last if self.job.train.channels_last else torch.contiguous_format
         self.amp_dtype = AUTOCAST_DTYPES.get(self.job.train.amp)
+        # Validation: each image whole at one scale (crop windows past train.val_max_size), as trained.
+        self.val_options = InferenceOptions(max_size=self.job.train.val_max_size, amp=self.job.train.amp)
         self.is_main = distributed.is_main_process()
         self.lock: RunLock | None = None
         self.records: RunRecords | None = None
@@ -255,11 +259,10 @@ class Trainer:
             if self.records is not None and len(shown) < t.val_images:
                 shown.append(comparison(image, pred, mask, palette))
 
-        metrics = evaluate(_unwrap(self.model), self.parts.val_set, preprocess=d.preprocess,
+        metrics = evaluate(_unwrap(self.model), self.parts.val_set, self.val_options, preprocess=d.preprocess,
                            convention=d.miou_convention, pad_multiple=self.job.backbone.output_stride,
-                           crop_size=d.crop_size, max_size=t.val_max_size, autocast=t.amp,
-                           device=self.env.device, num_workers=t.workers, progress=self.is_main and t.progress,
-                           callback=keep_pictures)
+                           crop_size=d.crop_size, device=self.env.device, num_workers=t.workers,
+                           progress=self.is_main and t.progress, callback=keep_pictures)
         summary = {k: metrics[k] for k in ("pixAcc", "mIoU")}
         self.log({"split": "val", "iter": iteration, **summary})
         if self.records is not None:

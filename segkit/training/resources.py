@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from segkit.config import TrainJob
-from segkit.engine.interrupt import resume_command
+from segkit.settings import TrainJob
+from segkit.training.interrupt import resume_command
 
 # torch's two reports: "DataLoader worker (pid 123) is killed by signal: Killed." (its SIGCHLD
 # handler) and "DataLoader worker (pid(s) 123, 124) exited unexpectedly" (a queue timeout).

@@ -1,5 +1,5 @@
 """eval_seg.py's work: rebuild the model from a checkpoint, evaluate, print and record, export masks;
-or (``predict.input=DIR``) predict a folder of images through :class:`~segkit.predictor.Predictor`."""
+or (``predict.input=DIR``) predict a folder of images through :class:`~segkit.inference.predictor.Predictor`."""
 from __future__ import annotations
 
 import json
@@ -8,29 +8,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-from torch import nn
 from tqdm import tqdm
 
 from segkit import distributed
-from segkit.checkpoint import ModelCheckpoint, label_space_of
-from segkit.config import EvalJob
+from segkit.checkpoints.checkpoint import ModelCheckpoint, label_space_of
 from segkit.data import build_dataset
 from segkit.data.predict import image_files
 from segkit.distributed import Env, setup_distributed
-from segkit.engine.inference import evaluate
 from segkit.errors import ConfigError
-from segkit.export import MaskExporter, export_kinds, open_export_dir
+from segkit.evaluation.loop import evaluate
+from segkit.evaluation.mask_export import MaskExporter, open_export_dir
+from segkit.evaluation.metrics import format_table
 from segkit.files import sha256_file, write_text_atomic
-from segkit.metrics import format_table
-from segkit.predictor import Predictor, load_network
+from segkit.inference.masks import export_kinds
+from segkit.inference.options import InferenceOptions
+from segkit.inference.predictor import Predictor
+from segkit.inference.prepare import load_network
+from segkit.settings import EvalJob
 
 
 def _finite(value: float) -> float | None:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def metrics_record(metrics: dict[str, Any], classes: list[str], job: EvalJob, checkpoint: Path,
-                   seconds: float) -> dict[str, Any]:
+def metrics_record(metrics: dict[str, Any], classes: list[str], job: EvalJob, options: InferenceOptions,
+                   checkpoint: Path, seconds: float) -> dict[str, Any]:
     """What metrics.json holds (NaN, a class that never occurs, as null)."""
     summary = {k: _finite(float(metrics[k])) for k in ("pixAcc", "mIoU", "mIoU_all", "mIoU_present", "mAcc", "fwIoU")}
     return {
@@ -38,69 +40,61 @@ def metrics_record(metrics: dict[str, Any], classes: list[str], job: EvalJob, ch
         "IoU": {c: _finite(float(v)) for c, v in zip(classes, metrics["IoU"])},
         "acc": {c: _finite(float(v)) for c, v in zip(classes, metrics["acc"])},
         "dataset": job.dataset.name, "split": job.eval.split, "backbone": job.backbone.name,
-        "scales": job.eval.scales, "flip": job.eval.flip, "align_corners": job.eval.align_corners,
-        "fusion": job.eval.fusion, "window_placement": job.eval.window_placement, "checkpoint": str(checkpoint),
+        "scales": None if options.scales is None else list(options.scales), "flip": options.flip,
+        "align_corners": options.align_corners, "fusion": options.fusion, "window_placement": options.window_placement,
+        "checkpoint": str(checkpoint),
         "checkpoint_sha256": sha256_file(checkpoint), "num_images": metrics["num_images"], "seconds": seconds,
         "images_per_s": metrics["num_images"] / seconds if seconds > 0 else None,
     }
 
 
-def _network(job: EvalJob, ckpt: ModelCheckpoint, num_classes: int, env: Env) -> nn.Module:
-    e = job.eval
-    return load_network(ckpt, job.backbone, job.model, num_classes, env.device, channels_last=e.channels_last,
-                        fold_bn=e.fold_bn, dtype=e.dtype, compile=e.compile)
-
-
-def predict_folder(job: EvalJob, ckpt: ModelCheckpoint, env: Env) -> None:
+def predict_folder(job: EvalJob, options: InferenceOptions, ckpt: ModelCheckpoint, env: Env) -> None:
     """Predict every image below ``predict.input`` into ``export.dir`` (rank r takes images r, r + world,
     ...), in the label space the checkpoint carries (older checkpoints: the configured dataset's)."""
     files = image_files(job.predict.input)
     space = label_space_of(ckpt, job.dataset).configured(job.dataset)
-    e, x = job.eval, job.export
+    x = job.export
     out_dir = open_export_dir(x.dir, x.overwrite)
-    predictor = Predictor(_network(job, ckpt, space.num_classes, env), space, device=env.device, scales=e.scales,
-                          flip=e.flip, output_stride=job.backbone.output_stride, max_batch=e.max_batch,
-                          autocast=e.amp, align_corners=e.align_corners, fusion=e.fusion,
-                          window_placement=e.window_placement, max_size=e.max_size)
+    model = load_network(ckpt, job.backbone, job.model, space.num_classes, env.device, options)
+    predictor = Predictor(model, space, device=env.device, output_stride=job.backbone.output_stride, options=options)
     kinds = export_kinds(x.overlay, x.side_by_side)
     names = list(files)[distributed.get_rank()::distributed.get_world_size()]
     for name in tqdm(names, unit="img", desc="predict", dynamic_ncols=True,
-                     disable=not (distributed.is_main_process() and e.progress)):
+                     disable=not (distributed.is_main_process() and job.eval.progress)):
         predictor.predict(files[name]).save(out_dir, kinds, name=name)
     distributed.barrier()
     if distributed.is_main_process():
         print(f"wrote predictions of {len(files)} images to {x.dir}")
 
 
-def run_evaluation(job: EvalJob, ckpt: ModelCheckpoint, run_dir: Path) -> dict[str, Any] | None:
-    """Evaluate ``ckpt`` as ``job`` says; returns the metrics record (None in prediction mode and on
-    ranks other than 0)."""
+def run_evaluation(job: EvalJob, options: InferenceOptions, ckpt: ModelCheckpoint,
+                   run_dir: Path) -> dict[str, Any] | None:
+    """Evaluate ``ckpt`` as ``job`` says, predicting with ``options`` (the ones ``job.eval`` holds:
+    :func:`segkit.config.inference_options`); returns the metrics record (None in prediction
+    mode and on ranks other than 0)."""
     env = setup_distributed(job.eval.device, key="eval.device")
     if job.predict.input is not None:
-        predict_folder(job, ckpt, env)
+        predict_folder(job, options, ckpt, env)
         return None
     metrics_path = run_dir / "metrics.json"
     if metrics_path.exists():  # refused now, not after the whole evaluation
         raise ConfigError(f"{metrics_path} holds an earlier evaluation; pick another hydra.run.dir")
     dataset = build_dataset(job.dataset, job.eval.split)
-    model = _network(job, ckpt, dataset.num_classes, env)
+    model = load_network(ckpt, job.backbone, job.model, dataset.num_classes, env.device, options)
     e, x = job.eval, job.export
     exporter = (MaskExporter(x.dir, dataset, overwrite=x.overwrite, overlay=x.overlay, side_by_side=x.side_by_side)
                 if x.dir else None)
     d = job.dataset
     started = time.perf_counter()
-    metrics = evaluate(model, dataset, scales=e.scales, flip=e.flip, base_size=d.base_size,
-                       crop_size=d.crop_size, preprocess=d.preprocess, convention=d.miou_convention,
-                       pad_multiple=job.backbone.output_stride, max_batch=e.max_batch, autocast=e.amp,
+    metrics = evaluate(model, dataset, options, base_size=d.base_size, crop_size=d.crop_size,
+                       preprocess=d.preprocess, convention=d.miou_convention, pad_multiple=job.backbone.output_stride,
                        device=env.device, num_workers=e.workers,
-                       progress=distributed.is_main_process() and e.progress, callback=exporter,
-                       align_corners=e.align_corners, fusion=e.fusion, window_placement=e.window_placement,
-                       max_size=e.max_size)
+                       progress=distributed.is_main_process() and e.progress, callback=exporter)
     seconds = time.perf_counter() - started
     if not distributed.is_main_process():
         return None
     print(format_table(metrics, dataset.classes))
-    record = metrics_record(metrics, dataset.classes, job, ckpt.path, seconds)
+    record = metrics_record(metrics, dataset.classes, job, options, ckpt.path, seconds)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(metrics_path, json.dumps(record, indent=2))
     print(f"metrics written to {metrics_path}")

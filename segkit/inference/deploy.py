@@ -1,7 +1,7 @@
 """Deployment graphs of a trained model, checked against PyTorch: ONNX, TorchScript, ExportedProgram.
 
 Each graph takes a batch of any size, height and width and returns the logits at the input's size,
-as :class:`~segkit.predictor.Predictor` computes them at a single scale: BatchNorm is folded into
+as :class:`~segkit.inference.predictor.Predictor` computes them at a single scale: BatchNorm is folded into
 the convolutions, and the input is padded at the bottom/right to a multiple of the output stride
 (with a black pixel) and the logits cropped back inside the graph. Inputs:
 
@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from segkit.data.preprocess import Preprocess
-from segkit.engine.inference import predict_single, prepare_model
+from segkit.inference.multiscale import predict_single
+from segkit.inference.options import InferenceOptions
+from segkit.inference.prepare import prepare_model
 
 #: format -> file name of the graph in the export directory.
 GRAPH_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "exported_program": "model.pt2"}
@@ -56,7 +58,7 @@ def crop_like(y: torch.Tensor, x: torch.Tensor, height_dim: int) -> torch.Tensor
 
 class DeployModel(nn.Module):
     """``model`` (a prepared segmentor, eval mode) with the padding, cropping and optionally the
-    normalisation of :class:`~segkit.predictor.Predictor`'s single-scale path: images in, logits out."""
+    normalisation of :class:`~segkit.inference.predictor.Predictor`'s single-scale path: images in, logits out."""
 
     def __init__(self, model: nn.Module, preprocess: Preprocess, output_stride: int, normalize_inside: bool) -> None:
         super().__init__()
@@ -78,7 +80,7 @@ class DeployModel(nn.Module):
 
 def deploy_model(model: nn.Module, preprocess: Preprocess, output_stride: int, normalize_inside: bool) -> DeployModel:
     """A CPU copy of ``model`` with BatchNorm folded, in NCHW, wrapped as :class:`DeployModel`."""
-    net = prepare_model(copy.deepcopy(model).float(), "cpu", channels_last=False, fold_bn=True)
+    net = prepare_model(copy.deepcopy(model).float(), "cpu", InferenceOptions(channels_last=False))
     return DeployModel(net, preprocess, output_stride, normalize_inside).eval()
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from segkit.config import OptimSettings, ScheduleSettings
+    from segkit.settings import OptimSettings, ScheduleSettings
 
 
 def scaled_lr(optim: OptimSettings, batch_size: int) -> float:
