@@ -1,6 +1,10 @@
 """Through the real command line: every kind of bad input ends with one line naming the key, value
 or file, exit status 2 and no traceback, also when a DataLoader worker raises it; run directories
-and earlier results are never damaged."""
+and earlier results are never damaged.
+
+The tables of bad values run the command's main in this process (the ``cli`` fixture), so each row
+costs no interpreter start-up; a row of each kind also runs in a real subprocess, where stderr,
+the exit status and the absence of a traceback are the process's own."""
 import os
 import subprocess
 import sys
@@ -63,23 +67,40 @@ BAD_TRAIN = [
 
 
 @pytest.mark.parametrize("args,expected", BAD_TRAIN, ids=[" ".join(a) for a, _ in BAD_TRAIN])
-def test_bad_training_values(tmp_path, data_root, args, expected):
+def test_bad_training_values(tmp_path, data_root, cli, args, expected):
+    line = one_line_error(cli("train", TINY + [f"hydra.run.dir={tmp_path / 'r'}", "train.iters=1", *args], data_root))
+    assert expected in line
+    assert not (tmp_path / "r" / "config.yaml").exists()
+
+
+# A composition error (Hydra), a settings error and a rule between keys, each in a real process.
+@pytest.mark.parametrize("row", [0, 2, 20], ids=lambda k: " ".join(BAD_TRAIN[k][0]))
+def test_bad_training_values_in_a_process(tmp_path, data_root, row):
+    args, expected = BAD_TRAIN[row]
     line = one_line_error(run(TINY + [f"hydra.run.dir={tmp_path / 'r'}", "train.iters=1", *args], data_root,
                               check=False))
     assert expected in line
     assert not (tmp_path / "r" / "config.yaml").exists()
 
 
-def test_run_dir_that_is_a_file(tmp_path, data_root):
+def test_run_dir_that_is_a_file(tmp_path, data_root, cli):
     (tmp_path / "taken").write_text("not a directory")
-    line = one_line_error(run(TINY + [f"hydra.run.dir={tmp_path / 'taken'}"], data_root, check=False))
+    line = one_line_error(cli("train", TINY + [f"hydra.run.dir={tmp_path / 'taken'}"], data_root))
     assert str(tmp_path / "taken") in line and "a file stands where a directory belongs" in line
 
 
-def test_bad_eval_values(tmp_path, data_root):
+@pytest.mark.parametrize("in_process", [True, False], ids=["in-process", "subprocess"])
+def test_bad_eval_values(tmp_path, data_root, cli, in_process):
     def evaluate(*args):
+        if in_process:
+            return cli("eval", EVAL[2:] + [f"hydra.run.dir={tmp_path / 'e'}", *args], data_root)
         return subprocess.run(EVAL + [f"hydra.run.dir={tmp_path / 'e'}", *args], cwd=ROOT, env=env(data_root),
                               capture_output=True, text=True, timeout=120)
+
+    if not in_process:  # one value through a real process; the table in-process
+        assert "eval.scales=[0] is invalid: expected null or a list of numbers" in one_line_error(
+            evaluate("checkpoint=x.pt", "eval.scales=[0]"))
+        return
 
     assert "eval.scales=[0] is invalid: expected null or a list of numbers" in one_line_error(
         evaluate("checkpoint=x.pt", "eval.scales=[0]"))

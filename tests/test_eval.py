@@ -1,4 +1,5 @@
-"""eval_seg.py end to end, the PyTorch-Encoding import, and prediction on a folder of images."""
+"""eval_seg.py end to end (its main, in this process), the PyTorch-Encoding import, and prediction on a
+folder of images."""
 import json
 
 import numpy as np
@@ -11,7 +12,6 @@ from torch import nn
 from segkit.models.convert import convert_encoding_state_dict, is_encoding_state_dict
 from segkit.models.resnest import create_backbone
 from segkit.models.segmentor import Segmentor
-from train_helpers import run_eval
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +19,10 @@ def data_root(shared_data_root):
     return shared_data_root
 
 
-def test_checkpoint_alone_rebuilds_model_and_dataset(tmp_path, data_root, trained_last):
+def test_checkpoint_alone_rebuilds_model_and_dataset(tmp_path, data_root, cli_eval, trained_last):
     out = tmp_path / "eval"
-    proc = run_eval([f"checkpoint={trained_last}", f"hydra.run.dir={out}", "eval.scales=[0.75,1.0]",
-                         f"export.dir={tmp_path / 'masks'}"], data_root)
+    proc = cli_eval([f"checkpoint={trained_last}", f"hydra.run.dir={out}", "eval.scales=[0.75,1.0]",
+                     f"export.dir={tmp_path / 'masks'}"], data_root)
     assert "horizontal stripes" in proc.stdout and "pixAcc" in proc.stdout  # the demo classes, from the checkpoint
     record = json.loads((out / "metrics.json").read_text())
     assert record["dataset"] == "demo" and record["backbone"] == "resnest14" and record["scales"] == [0.75, 1.0]
@@ -44,33 +44,33 @@ def test_checkpoint_alone_rebuilds_model_and_dataset(tmp_path, data_root, traine
     assert cm.compute("present")["mIoU"] == pytest.approx(record["mIoU"])
 
 
-def test_overrides_win_and_export_refuses_to_overwrite(tmp_path, data_root, trained_last):
+def test_overrides_win_and_export_refuses_to_overwrite(tmp_path, data_root, cli_eval, trained_last):
     masks = tmp_path / "masks"
     masks.mkdir()
     (masks / "keep.txt").write_text("mine")
-    proc = run_eval([f"checkpoint={trained_last}", f"hydra.run.dir={tmp_path / 'e'}", "eval.scales=null",
-                         "eval.flip=false", f"export.dir={masks}"], data_root, check=False)
+    proc = cli_eval([f"checkpoint={trained_last}", f"hydra.run.dir={tmp_path / 'e'}", "eval.scales=null",
+                     "eval.flip=false", f"export.dir={masks}"], data_root, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "export.overwrite=true" in proc.stderr
     assert (masks / "keep.txt").read_text() == "mine"
 
 
-def test_missing_checkpoint_is_a_message(tmp_path, data_root):
-    proc = run_eval([f"checkpoint={tmp_path / 'none.pt'}", f"hydra.run.dir={tmp_path}"], data_root, check=False)
+def test_missing_checkpoint_is_a_message(tmp_path, data_root, cli_eval):
+    proc = cli_eval([f"checkpoint={tmp_path / 'none.pt'}", f"hydra.run.dir={tmp_path}"], data_root, check=False)
     assert proc.returncode == 2 and "checkpoint file not found" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_eval([f"hydra.run.dir={tmp_path}"], data_root, check=False)
+    proc = cli_eval([f"hydra.run.dir={tmp_path}"], data_root, check=False)
     assert proc.returncode == 2 and "needs a value for 'checkpoint': pass checkpoint=..." in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_predict_a_folder_of_images(tmp_path, data_root, trained_last):
+def test_predict_a_folder_of_images(tmp_path, data_root, cli_eval, trained_last):
     photos = tmp_path / "photos" / "trip"
     photos.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name, size in (("a.jpg", (40, 30)), ("b.png", (24, 48))):
         Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(photos / name)
     out = tmp_path / "out"
-    proc = run_eval([f"checkpoint={trained_last}", f"predict.input={tmp_path / 'photos'}", f"export.dir={out}",
-                         f"hydra.run.dir={tmp_path / 'e'}", "eval.scales=null", "eval.flip=false"], data_root)
+    proc = cli_eval([f"checkpoint={trained_last}", f"predict.input={tmp_path / 'photos'}", f"export.dir={out}",
+                     f"hydra.run.dir={tmp_path / 'e'}", "eval.scales=null", "eval.flip=false"], data_root)
     assert "wrote predictions of 2 images" in proc.stdout
     label = np.asarray(Image.open(out / "labels" / "trip" / "b.png"))
     assert label.shape == (24, 48) and label.max() < 7

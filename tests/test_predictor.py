@@ -14,7 +14,7 @@ from segkit.data.label_space import LabelSpace
 from segkit.inference.multiscale import predict_image
 from segkit.inference.options import InferenceOptions
 from segkit.errors import CheckpointError, DataError
-from train_helpers import TINY, run, run_eval
+from train_helpers import TINY
 
 # The demo images are 32 x 32 (TINY): multi-scale + flip covers them with windows at scale 1.25.
 DEMO_VAL = "demo/ADEChallengeData2016/images/validation"
@@ -31,9 +31,9 @@ def val_images(data_root):
 
 @pytest.mark.parametrize("tta, options", [(False, ["eval.scales=null", "eval.flip=false"]), (True, [])],
                          ids=["single-scale", "multi-scale+flip"])
-def test_predictor_gives_eval_seg_exported_labels(tmp_path, data_root, trained_best, tta, options):
+def test_predictor_gives_eval_seg_exported_labels(tmp_path, data_root, cli_eval, trained_best, tta, options):
     masks = tmp_path / "masks"
-    run_eval([f"checkpoint={trained_best}", f"hydra.run.dir={tmp_path / 'e'}", f"export.dir={masks}", *options], data_root)
+    cli_eval([f"checkpoint={trained_best}", f"hydra.run.dir={tmp_path / 'e'}", f"export.dir={masks}", *options], data_root)
     predictor = Predictor.from_checkpoint(trained_best, device="cpu", tta=tta)
     assert predictor.options.scales == ((0.75, 1.0, 1.25) if tta else None) and predictor.options.flip is tta
     files = val_images(data_root)
@@ -46,7 +46,7 @@ def test_predictor_gives_eval_seg_exported_labels(tmp_path, data_root, trained_b
 
     # eval_seg.py predict.input=DIR goes through the Predictor: the same labels again.
     out = tmp_path / "predicted"
-    proc = run_eval([f"checkpoint={trained_best}", f"hydra.run.dir={tmp_path / 'p'}", f"predict.input={files[0].parent}",
+    proc = cli_eval([f"checkpoint={trained_best}", f"hydra.run.dir={tmp_path / 'p'}", f"predict.input={files[0].parent}",
                      f"export.dir={out}", *options], data_root)
     assert "wrote predictions of 2 images" in proc.stdout
     for f in files:
@@ -131,13 +131,13 @@ def test_unreadable_or_deep_images_are_data_errors(tmp_path, trained_best):
         Predictor.from_checkpoint(trained_best, device="cpu", tta=[])
 
 
-def test_bad_images_in_predict_input_are_one_line_errors(tmp_path, data_root, trained_best):
+def test_bad_images_in_predict_input_are_one_line_errors(tmp_path, data_root, cli_eval, trained_best):
     for name, write in (("broken.jpg", lambda p: p.write_bytes(b"not a jpeg")),
                         ("deep.png", lambda p: Image.fromarray(np.zeros((8, 8), np.uint16)).save(p))):
         photos = tmp_path / name.split(".")[0]
         photos.mkdir()
         write(photos / name)
-        proc = run_eval([f"checkpoint={trained_best}", f"predict.input={photos}", f"export.dir={tmp_path / name}",
+        proc = cli_eval([f"checkpoint={trained_best}", f"predict.input={photos}", f"export.dir={tmp_path / name}",
                          f"hydra.run.dir={tmp_path / 'e'}", "eval.scales=null"], data_root, check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert proc.stderr.strip().count("\n") == 0 and name in proc.stderr
@@ -146,12 +146,12 @@ def test_bad_images_in_predict_input_are_one_line_errors(tmp_path, data_root, tr
 FOLDER = [a for a in TINY if not a.startswith(("dataset=", "++dataset."))]
 
 
-def test_folder_checkpoint_predicts_after_its_data_root_is_deleted(tmp_path, data_root):
+def test_folder_checkpoint_predicts_after_its_data_root_is_deleted(tmp_path, data_root, cli_train, cli_eval):
     root = make_folder(tmp_path / "mine", classes="classes: [sky, road, car]\npalette: [[0, 0, 255], [128, 64, 128], "
                                                  "[255, 0, 0]]\n", n=4, size=(32, 32))
     run_dir = tmp_path / "run"
-    run(["dataset=folder", f"dataset.root={root}", *FOLDER, "train.iters=2", "train.val_every=100",
-         f"hydra.run.dir={run_dir}"], data_root)
+    cli_train(["dataset=folder", f"dataset.root={root}", *FOLDER, "train.iters=2", "train.val_every=100",
+               f"hydra.run.dir={run_dir}"], data_root)
     shutil.rmtree(root)
 
     predictor = Predictor.from_checkpoint(run_dir / "last.pt", device="cpu", tta=True)
@@ -167,7 +167,7 @@ def test_folder_checkpoint_predicts_after_its_data_root_is_deleted(tmp_path, dat
     photos.mkdir()
     Image.fromarray(rgb).save(photos / "photo.png")
     out = tmp_path / "cli"
-    run_eval([f"checkpoint={run_dir / 'last.pt'}", f"predict.input={photos}", f"export.dir={out}",
+    cli_eval([f"checkpoint={run_dir / 'last.pt'}", f"predict.input={photos}", f"export.dir={out}",
               f"hydra.run.dir={tmp_path / 'e'}"], data_root)
     for kind in ("labels", "color", "overlay"):
         assert (np.asarray(Image.open(out / kind / "photo.png")) == np.asarray(Image.open(paths[kind]))).all()

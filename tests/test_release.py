@@ -3,8 +3,6 @@ refused and damaged directories through the API and the CLI; and the safe loadin
 PyTorch-Encoding's training checkpoints."""
 import json
 import shutil
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
@@ -15,7 +13,8 @@ from segkit import Predictor
 from segkit.checkpoints.load import load_model
 from segkit.errors import CheckpointError
 from segkit.files import load_file, sha256_file
-from train_helpers import ROOT, env
+from config_helpers import export_settings
+from segkit.inference.export_job import export_model
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +22,15 @@ def data_root(shared_data_root):
     return shared_data_root
 
 
-def cli(script, args, data_root, check=True):
-    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env(data_root),
-                          capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+@pytest.fixture
+def command(cli):
+    """``command(script, args, data_root, check=True)``: export_model.py or eval_seg.py, in this process."""
+    def run(script, args, data_root, check=True):
+        proc = cli({"export_model.py": "export", "eval_seg.py": "eval"}[script], args, data_root)
+        if check:
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+    return run
 
 
 def one_line_error(proc, *fragments):
@@ -41,13 +43,14 @@ def one_line_error(proc, *fragments):
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory, data_root, trained_best):
+    """The shared run's release, written as export_model.py writes it (its settings, its job)."""
     out = tmp_path_factory.mktemp("release") / "model"
-    proc = cli("export_model.py", [f"checkpoint={trained_best}", f"out={out}"], data_root)
-    assert "wrote release" in proc.stdout
+    ckpt = load_model(trained_best)
+    assert export_model(export_settings(f"checkpoint={trained_best}", f"out={out}", saved=ckpt.config), ckpt) == out
     return out
 
 
-def test_release_round_trip_without_pickle(tmp_path, data_root, trained_best, release):
+def test_release_round_trip_without_pickle(tmp_path, data_root, trained_best, release, command):
     assert sorted(p.name for p in release.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     for path in release.iterdir():
         data = path.read_bytes()
@@ -79,7 +82,7 @@ def test_release_round_trip_without_pickle(tmp_path, data_root, trained_best, re
     photos.mkdir()
     from PIL import Image
     Image.fromarray(rgb).save(photos / "a.png")
-    cli("eval_seg.py", [f"checkpoint={copy}", f"predict.input={photos}", f"export.dir={tmp_path / 'out'}",
+    command("eval_seg.py", [f"checkpoint={copy}", f"predict.input={photos}", f"export.dir={tmp_path / 'out'}",
                         f"hydra.run.dir={tmp_path / 'e'}", "eval.progress=false"], data_root)
     assert (np.asarray(Image.open(tmp_path / "out" / "labels" / "a.png")) == ours.encoded()).all()
 
@@ -91,13 +94,13 @@ def test_release_round_trip_without_pickle(tmp_path, data_root, trained_best, re
     (lambda d: (d / "config.json").write_text("{not json"), "not readable JSON"),
     (lambda d: (d / "config.json").write_text('{"format": "other"}'), "not a segkit release config"),
 ])
-def test_damaged_release_is_refused_by_the_api_and_the_cli(tmp_path, data_root, release, damage, message):
+def test_damaged_release_is_refused_by_the_api_and_the_cli(tmp_path, data_root, release, damage, message, command):
     broken = tmp_path / "broken"
     shutil.copytree(release, broken)
     damage(broken)
     with pytest.raises(CheckpointError, match=message):
         Predictor.from_pretrained(broken, device="cpu")
-    proc = cli("export_model.py", [f"checkpoint={broken}", f"out={tmp_path / 'again'}"], data_root, check=False)
+    proc = command("export_model.py", [f"checkpoint={broken}", f"out={tmp_path / 'again'}"], data_root, check=False)
     one_line_error(proc, message)
     assert not (tmp_path / "again").exists()
 
@@ -114,21 +117,21 @@ def test_weights_of_another_release_are_refused(tmp_path, release):
         Predictor.from_pretrained(other / "config.json")
 
 
-def test_export_refuses_a_non_empty_directory_and_unknown_formats(tmp_path, data_root, trained_best):
+def test_export_refuses_a_non_empty_directory_and_unknown_formats(tmp_path, data_root, trained_best, command):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    proc = cli("export_model.py", [f"checkpoint={trained_best}", f"out={out}"], data_root, check=False)
+    proc = command("export_model.py", [f"checkpoint={trained_best}", f"out={out}"], data_root, check=False)
     one_line_error(proc, f"out={out} is not empty", "overwrite=true")
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    cli("export_model.py", [f"checkpoint={trained_best}", f"out={out}", "overwrite=true"], data_root)
+    command("export_model.py", [f"checkpoint={trained_best}", f"out={out}", "overwrite=true"], data_root)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
 
-    proc = cli("export_model.py", [f"checkpoint={trained_best}", f"out={tmp_path / 'x'}", "format=tflite"], data_root,
+    proc = command("export_model.py", [f"checkpoint={trained_best}", f"out={tmp_path / 'x'}", "format=tflite"], data_root,
                check=False)
     one_line_error(proc, "format='tflite' is invalid", "pretrained, onnx, torchscript, exported_program")
-    proc = cli("export_model.py", [f"checkpoint={trained_best}"], data_root, check=False)
+    proc = command("export_model.py", [f"checkpoint={trained_best}"], data_root, check=False)
     one_line_error(proc, "out=...")
 
 

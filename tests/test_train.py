@@ -1,4 +1,7 @@
-"""train_seg.py end to end: one process, two gloo ranks, kill + resume, and bad input."""
+"""train_seg.py end to end: one process, two gloo ranks, kill + resume, and bad input.
+
+Runs of one process go through the command's main in this process (``train``: the ``cli``
+fixture); two ranks and killed runs are real processes (``run``)."""
 import os
 import signal
 import subprocess
@@ -21,10 +24,15 @@ def data_root(tmp_path_factory):
     return tmp_path_factory.mktemp("data")
 
 
-def test_end_to_end_writes_the_run_directory(tmp_path, data_root):
+@pytest.fixture
+def train(cli_train, data_root):
+    """``train(args, check=True)``: train_seg.py ``args`` in this process, as ``run`` in a subprocess."""
+    return lambda args, check=True: cli_train(args, data_root, check)
+
+
+def test_end_to_end_writes_the_run_directory(tmp_path, train):
     run_dir = tmp_path / "run"
-    proc = run(TINY + ["train.iters=4", "train.val_every=2", "train.ckpt_every=2", f"hydra.run.dir={run_dir}"],
-               data_root)
+    proc = train(TINY + ["train.iters=4", "train.val_every=2", "train.ckpt_every=2", f"hydra.run.dir={run_dir}"])
     assert {"config.yaml", "last.pt", "best.pt", "metrics.jsonl", "tb"} <= {p.name for p in run_dir.iterdir()}
     assert not list(run_dir.glob(".*.tmp"))  # atomic writes leave no temporaries
     train = records(run_dir, "train")
@@ -82,17 +90,17 @@ def _error(proc):
     return proc.stderr
 
 
-def test_bad_input_ends_with_a_message_not_a_traceback(tmp_path, data_root):
+def test_bad_input_ends_with_a_message_not_a_traceback(tmp_path, train):
     base = TINY + [f"hydra.run.dir={tmp_path / 'r'}", "train.iters=2"]
-    assert "train.batch_size=5" in _error(run(base + ["train.batch_size=5", "train.accum_steps=2"], data_root, check=False))
+    assert "train.batch_size=5" in _error(train(base + ["train.batch_size=5", "train.accum_steps=2"], check=False))
     assert "dataset.crop_size=36 is not a multiple of the backbone output stride 8" in _error(
-        run(base + ["dataset.crop_size=36"], data_root, check=False))
-    assert "train.amp='fp8'" in _error(run(base + ["train.amp=fp8"], data_root, check=False))
-    missing = run(base + [f"resume={tmp_path / 'nope.pt'}"], data_root, check=False)
+        train(base + ["dataset.crop_size=36"], check=False))
+    assert "train.amp='fp8'" in _error(train(base + ["train.amp=fp8"], check=False))
+    missing = train(base + [f"resume={tmp_path / 'nope.pt'}"], check=False)
     assert "checkpoint file not found" in _error(missing)
     assert not (tmp_path / "r" / "last.pt").exists()
     # Hydra's own errors for a mistyped group option list the valid choices.
-    typo = run(TINY[:1] + ["backbone=resnest102"], data_root, check=False)
+    typo = train(TINY[:1] + ["backbone=resnest102"], check=False)
     assert typo.returncode != 0 and "resnest101" in typo.stderr
 
 
@@ -101,28 +109,28 @@ def test_batch_not_divisible_across_ranks(tmp_path, data_root):
     assert proc.returncode != 0 and "must be a positive multiple of 2 ranks" in proc.stderr
 
 
-def test_corrupt_or_foreign_checkpoint_leaves_the_run_directory_untouched(tmp_path, data_root):
+def test_corrupt_or_foreign_checkpoint_leaves_the_run_directory_untouched(tmp_path, train):
     run_dir = tmp_path / "r"
-    run(TINY + ["train.iters=2", "train.val_every=100", f"hydra.run.dir={run_dir}"], data_root)
+    train(TINY + ["train.iters=2", "train.val_every=100", f"hydra.run.dir={run_dir}"])
     before = {p.name: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
 
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
-    err = _error(run(TINY + [f"hydra.run.dir={run_dir}", f"resume={corrupt}"], data_root, check=False))
+    err = _error(train(TINY + [f"hydra.run.dir={run_dir}", f"resume={corrupt}"], check=False))
     assert "corrupt.pt: not a usable PyTorch checkpoint" in err
 
-    fresh = _error(run(TINY + [f"hydra.run.dir={run_dir}"], data_root, check=False))
+    fresh = _error(train(TINY + [f"hydra.run.dir={run_dir}"], check=False))
     assert "already holds an earlier run (last.pt, best.pt, metrics.jsonl, config.yaml, train.log, tb); continue it with resume=true" in fresh
-    other_arch = _error(run(TINY + [f"hydra.run.dir={run_dir}", "resume=true", "backbone=resnest26",
-                                    "backbone.pretrained=null"], data_root, check=False))
+    other_arch = _error(train(TINY + [f"hydra.run.dir={run_dir}", "resume=true", "backbone=resnest26",
+                                      "backbone.pretrained=null"], check=False))
     assert "missing keys" in other_arch and "backbone=resnest14" in other_arch
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
 
 
-def test_nan_loss_stops_with_the_last_good_state(tmp_path, data_root):
+def test_nan_loss_stops_with_the_last_good_state(tmp_path, train):
     run_dir = tmp_path / "r"
-    proc = run(TINY + ["train.iters=30", "optim.base_lr=1e12", "train.val_every=100", "train.ckpt_every=100",
-                       f"hydra.run.dir={run_dir}"], data_root, check=False)
+    proc = train(TINY + ["train.iters=30", "optim.base_lr=1e12", "train.val_every=100", "train.ckpt_every=100",
+                         f"hydra.run.dir={run_dir}"], check=False)
     err = _error(proc)
     assert "training stopped" in err and ("loss is nan" in err or "loss is inf" in err)
     last = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
@@ -130,9 +138,9 @@ def test_nan_loss_stops_with_the_last_good_state(tmp_path, data_root):
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
 
-def test_checkpoint_of_another_class_count_is_a_clear_error(tmp_path, data_root):
+def test_checkpoint_of_another_class_count_is_a_clear_error(tmp_path, train):
     run_dir = tmp_path / "r"
-    run(TINY + ["train.iters=1", "train.val_every=100", f"hydra.run.dir={run_dir}"], data_root)
+    train(TINY + ["train.iters=1", "train.val_every=100", f"hydra.run.dir={run_dir}"])
     ckpt = load_training(run_dir / "last.pt")
     model = Segmentor(create_backbone("resnest14", output_stride=8), num_classes=5, channels=16)
     with pytest.raises(CheckpointError) as err:
@@ -141,46 +149,46 @@ def test_checkpoint_of_another_class_count_is_a_clear_error(tmp_path, data_root)
     assert "trained with backbone=resnest14 and 7 classes; this run has backbone=resnest14 and 5 classes" in str(err.value)
 
 
-def test_resume_auto_starts_fresh_then_continues(tmp_path, data_root):
+def test_resume_auto_starts_fresh_then_continues(tmp_path, train):
     args = TINY + ["train.iters=2", "train.val_every=100", "resume=auto", f"hydra.run.dir={tmp_path / 'r'}"]
-    run(args, data_root)
+    train(args)
     first = (tmp_path / "r" / "last.pt").stat().st_mtime_ns
-    proc = run(args, data_root)  # already complete: nothing to train, nothing rewritten
+    proc = train(args)  # already complete: nothing to train, nothing rewritten
     assert '"iter": 2' in proc.stdout and (tmp_path / "r" / "last.pt").stat().st_mtime_ns == first
 
 
-def test_folder_dataset_takes_its_class_count_from_classes_yaml(tmp_path, data_root):
+def test_folder_dataset_takes_its_class_count_from_classes_yaml(tmp_path, train):
     root = make_folder(tmp_path / "mine", counts={"train": 8, "val": 2}, size=(32, 32))
     folder = [a for a in TINY if "dataset" not in a] + [
         "dataset=folder", f"dataset.root={root}", "dataset.base_size=32", "dataset.crop_size=32",
         "train.iters=1", "train.val_every=100", f"hydra.run.dir={tmp_path / 'r'}"]
-    run(folder, data_root)
+    train(folder)
     last = torch.load(tmp_path / "r" / "last.pt", map_location="cpu", weights_only=True)
     assert last["config"]["dataset"]["num_classes"] == 3 and last["model"]["head.classifier.weight"].shape[0] == 3
 
 
-def test_bf16_autocast_and_channels_last_train(tmp_path, data_root):
-    run(TINY + ["train.iters=2", "train.amp=bf16", "train.channels_last=true", "train.val_every=2",
-                f"hydra.run.dir={tmp_path / 'r'}"], data_root)
+def test_bf16_autocast_and_channels_last_train(tmp_path, train):
+    train(TINY + ["train.iters=2", "train.amp=bf16", "train.channels_last=true", "train.val_every=2",
+                  f"hydra.run.dir={tmp_path / 'r'}"])
     assert all(r["loss"] > 0 for r in records(tmp_path / "r", "train"))
     assert records(tmp_path / "r", "val")[0]["mIoU"] >= 0
 
 
-def test_recomputation_trains_to_the_same_weights(tmp_path, data_root):
+def test_recomputation_trains_to_the_same_weights(tmp_path, train):
     # Dropout on too (TINY turns it off): the recomputation must redraw the same masks.
     common = TINY + ["train.iters=2", "train.val_every=100", "model.dropout=0.1", "model.aspp_dropout=0.5"]
-    run(common + [f"hydra.run.dir={tmp_path / 'plain'}"], data_root)
+    train(common + [f"hydra.run.dir={tmp_path / 'plain'}"])
     plain = model_state(tmp_path / "plain" / "last.pt")
     for option in ("train.grad_checkpointing=true", "train.selective_recompute=true"):
         out = tmp_path / option.split(".")[1].split("=")[0]
-        run(common + [option, f"hydra.run.dir={out}"], data_root)
+        train(common + [option, f"hydra.run.dir={out}"])
         recomputed = model_state(out / "last.pt")
         assert plain.keys() == recomputed.keys()
         for k in plain:  # weights and BatchNorm statistics alike
             assert torch.equal(plain[k], recomputed[k]), (option, k)
 
 
-def test_pascal_context_prepared_from_detail_json_trains(tmp_path, data_root):
+def test_pascal_context_prepared_from_detail_json_trains(tmp_path, train):
     from data_helpers import make_pascal_context
     from segkit.data import prepare
     root = tmp_path / "pascal_context"
@@ -189,7 +197,7 @@ def test_pascal_context_prepared_from_detail_json_trains(tmp_path, data_root):
     args = [a for a in TINY if "dataset" not in a] + [
         "dataset=pascal_context", f"dataset.root={root}", "dataset.base_size=32", "dataset.crop_size=32",
         "train.iters=2", "train.val_every=2", f"hydra.run.dir={tmp_path / 'r'}"]
-    run(args, data_root)
+    train(args)
     last = torch.load(tmp_path / "r" / "last.pt", map_location="cpu", weights_only=True)
     assert last["config"]["dataset"]["name"] == "pascal_context"
     assert last["model"]["head.classifier.weight"].shape[0] == 59  # background is ignored, not a class
