@@ -93,8 +93,3 @@ class InferenceOptions:
 
     def replace(self, **changes: Any) -> InferenceOptions:
         return dataclasses.replace(self, **changes)
-
-    @property
-    def windows(self) -> bool:
-        """Whether images may be cut into crop windows (multi-scale, or single scale past ``max_size``)."""
-        return self.scales is not None or self.max_size is not None
