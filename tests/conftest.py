@@ -13,6 +13,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    # Under pytest-xdist (setup.cfg runs two workers) each worker computes on one thread: two
+    # workers of two threads each would only contend for the two cores.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def shared_data_root(tmp_path_factory):
     """$SEGKIT_DATA of the tests that share one trained model (the demo scenes at TINY size)."""
