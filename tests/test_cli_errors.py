@@ -177,13 +177,13 @@ def test_run_directory_is_owned_by_one_run(tmp_path, data_root):
     assert first.returncode == 0, err[-2000:]
 
 
-def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path, data_root):
+def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path, data_root, cli_train):
     run_dir = tmp_path / "r"
-    run(TINY + ["train.iters=2", "train.val_every=100", f"hydra.run.dir={run_dir}"], data_root)
+    cli_train(TINY + ["train.iters=2", "train.val_every=100", f"hydra.run.dir={run_dir}"], data_root)
     for name in (".last.pt.tmp", ".best.pt.tmp", ".metrics.jsonl.tmp"):
         (run_dir / name).write_bytes(b"half a file")
     good = (run_dir / "last.pt").read_bytes()
-    run(TINY + ["train.iters=2", "train.val_every=100", "resume=true", f"hydra.run.dir={run_dir}"], data_root)
+    cli_train(TINY + ["train.iters=2", "train.val_every=100", "resume=true", f"hydra.run.dir={run_dir}"], data_root)
     assert not list(run_dir.glob(".*.tmp")) and (run_dir / "last.pt").read_bytes() == good
 
 
