@@ -15,7 +15,7 @@ PACKAGE = Path(segkit.__file__).parent
 #: Bottom to top. A module belongs to the first prefix it starts with; each may import from its own
 #: layer and from the layers before it. data and models are one level: they import nothing of each other.
 LAYERS: list[tuple[str, ...]] = [
-    ("segkit.errors", "segkit.files", "segkit.distributed"),
+    ("segkit.errors", "segkit.files", "segkit.distributed", "segkit.records", "segkit.download"),
     ("segkit.data",),
     ("segkit.models",),
     ("segkit.settings",),
@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("segkit.inference",),
     ("segkit.evaluation",),
     ("segkit.training",),
-    ("segkit.config", "segkit.reporting", "segkit.cli"),
+    ("segkit.config", "segkit.reporting", "segkit.launch", "segkit.cli"),
 ]
 #: Pairs on one level that must not import each other at all.
 INDEPENDENT = [("segkit.data", "segkit.models")]

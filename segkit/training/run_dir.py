@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from segkit.errors import ConfigError
 from segkit.files import append_line, remove_stale_temporaries, write_text_atomic
+from segkit.records import read_metrics
 
 #: What a run writes; any of them marks a directory as holding an earlier run.
 RECORDS = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "train.log", "tb")
@@ -104,34 +105,6 @@ class RunRecords:
 
     def close(self) -> None:
         self.tb.close()
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl``.
-
-    Records are appended whole (:func:`~segkit.files.append_line`), so only the last line can be
-    damaged, by a crash of the machine during an append: it is dropped with a warning. Any other
-    line that is not a record is an error naming it (something else changed the file).
-    """
-    lines = path.read_text(errors="replace").split("\n")
-    while lines and not lines[-1].strip("\0 \t\r"):
-        lines.pop()  # the file's final newline, or the zeros a crash can leave after it
-    records: list[dict[str, Any]] = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("iter"), int):
-                raise ValueError("not a record with an 'iter'")
-        except ValueError as e:
-            if number == len(lines):
-                shown = line if len(line) <= 80 else line[:77] + "..."
-                print(f"warning: {path}: dropped its last line, cut short by a crash during an append: "
-                      f"{shown!r}", file=sys.stderr)
-                break
-            raise ConfigError(f"{path}, line {number}: not a metrics record ({e}); only a last line can be "
-                              f"cut short by a crash, so the file was edited: fix or delete that line") from None
-        records.append(record)
-    return records
 
 
 def _refuse_earlier_records(run_dir: Path) -> None:
