@@ -50,6 +50,16 @@ def all_reduce(tensor: torch.Tensor, average: bool = False) -> torch.Tensor:
     return tensor
 
 
+def gather_to_main(items: list) -> list:
+    """Every rank's ``items`` (picklable), concatenated in rank order on rank 0; an empty list on
+    the other ranks (collective: call it on every rank). Without a process group: ``items``."""
+    if not is_dist():
+        return items
+    gathered: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(items, gathered, dst=0)
+    return [item for part in gathered for item in part] if gathered is not None else []
+
+
 @dataclass
 class Env:
     rank: int

@@ -1,5 +1,6 @@
 """Two gloo ranks on 127.0.0.1 evaluate disjoint shards whose reduced confusion matrix equals the
-one-process matrix exactly, and export into one directory without tripping the overwrite check."""
+one-process matrix exactly, gather their per-image rows and the report's worst images to rank 0,
+and export into one directory without tripping the overwrite check."""
 
 import socket
 from datetime import timedelta
@@ -13,6 +14,7 @@ from segkit import distributed
 from segkit.evaluation.loop import evaluate
 from segkit.evaluation.mask_export import MaskExporter
 from segkit.evaluation.metrics import ConfusionMatrix
+from segkit.evaluation.report import WorstImages
 from segkit.inference.options import InferenceOptions
 
 NUM_CLASSES = 4
@@ -33,9 +35,11 @@ def _run(out_dir, progress):
         if mask is not None:
             own.update(torch.from_numpy(pred), torch.from_numpy(mask))
 
+    keeper = WorstImages(2)
     result = evaluate(ConvNet(NUM_CLASSES), ds, MULTISCALE, base_size=32, crop_size=24, callback=callback,
-                      num_workers=0, progress=progress)
+                      num_workers=0, progress=progress, per_image=True, row_callback=keeper)
     del result["seconds"]
+    result["worst"] = [(item[0]["index"], item[3].tolist()) for item in keeper.gathered()]  # a collective
     return result, own, seen
 
 
@@ -73,9 +77,12 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert [r["seen"] for r in ranks] == [[0, 2, 4], [1, 3]]  # i % world == rank, no repeats
     assert [(r["rank"], r["world"], r["mean"]) for r in ranks] == [(0, 2, 1.5), (1, 2, 1.5)]
     assert torch.equal(ranks[0]["shard"] + ranks[1]["shard"], single_cm.mat)
+    # Rank 0 holds every labelled image's row and the worst images of all ranks, the others none.
+    assert [row["index"] for row in single["per_image"]] == [0, 1, 2, 4] and len(single["worst"]) == 2
+    assert ranks[1]["result"] == {**single, "per_image": [], "worst": []}
     for r in ranks:
         assert torch.equal(r["reduced"], single_cm.mat)
-        assert r["result"] == single
+    assert ranks[0]["result"] == single
     assert single["num_images"] == 5
     exported = sorted(p.relative_to(tmp_path / "two" / "masks")
                       for p in (tmp_path / "two" / "masks").rglob("*.png"))

@@ -14,12 +14,14 @@ from tqdm import tqdm
 from segkit import distributed
 from segkit.data.preprocess import Preprocess
 from segkit.errors import ConfigError
-from segkit.evaluation.metrics import ConfusionMatrix, check_convention
+from segkit.evaluation.metrics import ConfusionMatrix, check_convention, image_stats
 from segkit.inference.multiscale import predict_image
 from segkit.inference.options import InferenceOptions
 
 #: ``callback(index, image HxWx3 uint8, mask HxW uint8 or None, prediction HxW int64)``
 ImageCallback = Callable[[int, np.ndarray, np.ndarray | None, np.ndarray], None]
+#: ``row_callback(row, image, mask, prediction)`` for each labelled image (row: its ``per_image`` entry)
+RowCallback = Callable[[dict[str, Any], np.ndarray, np.ndarray, np.ndarray], None]
 
 
 class SegDataset(Protocol):
@@ -52,7 +54,8 @@ class _Shard(torch.utils.data.Dataset):
 def evaluate(model: nn.Module, dataset: SegDataset, options: InferenceOptions = InferenceOptions(), *,
              base_size: int | None = None, crop_size: int | None = None, preprocess: Preprocess = Preprocess(),
              convention: str = "present", pad_multiple: int = 8, device: torch.device | str | None = None,
-             num_workers: int = 2, progress: bool = True, callback: ImageCallback | None = None) -> dict[str, Any]:
+             num_workers: int = 2, progress: bool = True, callback: ImageCallback | None = None,
+             per_image: bool = False, row_callback: RowCallback | None = None) -> dict[str, Any]:
     """Evaluate ``model`` on ``dataset`` and return :meth:`ConfusionMatrix.compute`'s metrics.
 
     Each image is predicted by :func:`~segkit.inference.multiscale.predict_image` with ``options``:
@@ -69,6 +72,11 @@ def evaluate(model: nn.Module, dataset: SegDataset, options: InferenceOptions = 
     The progress bar (images/s, ETA) shows on rank 0 only. Unlabelled images (mask None) are
     predicted and passed to ``callback`` but not scored. The result also holds ``num_images``
     (over all ranks) and ``seconds`` (this rank's wall time).
+
+    With ``per_image`` it holds ``per_image`` too: for every labelled image, on rank 0 (the other
+    ranks: an empty list), ``{"index": i, **image_stats}`` (:func:`~segkit.evaluation.metrics.image_stats`,
+    from the counts the image added to the matrix: no second count), in index order.
+    ``row_callback`` gets each such row with the image's pixels, on the rank that predicted it.
     """
     check_convention(convention)  # now rather than after the whole dataset
     if options.scales is not None and (base_size is None or crop_size is None):
@@ -89,6 +97,7 @@ def evaluate(model: nn.Module, dataset: SegDataset, options: InferenceOptions = 
                disable=not (progress and distributed.is_main_process()))
     was_training = model.training
     model.eval()
+    rows: list[dict[str, Any]] = []
     start = time.perf_counter()
     try:
         with torch.inference_mode():
@@ -98,7 +107,12 @@ def evaluate(model: nn.Module, dataset: SegDataset, options: InferenceOptions = 
                                      num_classes=dataset.num_classes, pad_multiple=pad_multiple,
                                      pad_value=pad_value).argmax(0)
                 if mask is not None:
-                    confmat.update(pred, mask)
+                    counts = confmat.update(pred, mask)
+                    if per_image or row_callback is not None:
+                        row = {"index": int(index), **image_stats(counts, dataset.num_classes)}
+                        rows.append(row)
+                        if row_callback is not None:
+                            row_callback(row, image.numpy(), mask.numpy(), pred.cpu().numpy())
                 if callback is not None:
                     callback(int(index), image.numpy(), None if mask is None else mask.numpy(),
                              pred.cpu().numpy())
@@ -111,4 +125,6 @@ def evaluate(model: nn.Module, dataset: SegDataset, options: InferenceOptions = 
     images = distributed.all_reduce(torch.tensor(len(shard), device=device))
     result = confmat.compute(convention)
     result.update(num_images=int(images), seconds=seconds)
+    if per_image:
+        result["per_image"] = sorted(distributed.gather_to_main(rows), key=lambda row: row["index"])
     return result

@@ -80,8 +80,9 @@ class ConfusionMatrix:
     def reset(self) -> None:
         self.counts.zero_()
 
-    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """Add a batch of integer label maps of any (equal) shape."""
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Add a batch of integer label maps of any (equal) shape; returns the batch's own counts
+        (the flat buffer's layout: :func:`image_stats` reads an image's numbers from them)."""
         if pred.shape != target.shape:
             raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape "
                              f"{tuple(target.shape)}")
@@ -92,7 +93,9 @@ class ConfusionMatrix:
         bins = torch.where((target >= 0) & (target < n), target * n + pred, n * n + 1)
         bins = torch.where(target == self.ignore_index, n * n, bins)
         bins = torch.where((pred >= 0) & (pred < n), bins, n * n + 2)
-        self.counts += torch.bincount(bins, minlength=n * n + 3)
+        counts = torch.bincount(bins, minlength=n * n + 3)
+        self.counts += counts
+        return counts
 
     def reduce_from_all_processes(self) -> None:
         """Sum the counts over all ranks (collective: call it once, on every rank)."""
@@ -104,7 +107,8 @@ class ConfusionMatrix:
         Keys: ``pixAcc``; ``IoU`` and ``acc`` per class; ``mIoU`` (per ``convention``),
         ``mIoU_all``, ``mIoU_present``; ``mAcc`` (mean accuracy over classes with labelled pixels,
         as mmsegmentation); ``fwIoU`` (IoU weighted by ground-truth frequency); ``present`` (per
-        class: non-empty union); ``convention``; ``labelled_pixels``, ``ignored_pixels``.
+        class: non-empty union); ``convention``; ``labelled_pixels``, ``ignored_pixels``;
+        ``confusion``, the counts (rows truth, columns prediction) as lists of ints.
         With no labelled pixel at all pixAcc is 0.0, as the original code reports it (correct /
         (eps + labelled)), and mAcc, fwIoU and mIoU_present are NaN (means over no class).
 
@@ -145,9 +149,33 @@ class ConfusionMatrix:
             "convention": convention,
             "labelled_pixels": int(total.item()),
             "ignored_pixels": self.ignored,
+            "confusion": self.mat.cpu().tolist(),
         }
         result["mIoU"] = result[f"mIoU_{convention}"]
         return result
+
+
+def image_stats(counts: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    """One image's numbers from its counts (what :meth:`ConfusionMatrix.update` returned for it).
+
+    ``labelled`` pixels; ``pixAcc``; ``mIoU`` over the classes present in its truth or its
+    prediction (labelled pixels only); ``classes``, those class ids; ``worst``, the present class
+    of lowest IoU (the lowest id among equals), and ``worst_IoU``. Without a labelled pixel
+    pixAcc, mIoU, worst and worst_IoU are None.
+    """
+    n = num_classes
+    mat = counts[: n * n].view(n, n).cpu().double()
+    tp = mat.diag()
+    gt = mat.sum(1)
+    union = gt + mat.sum(0) - tp
+    labelled = int(gt.sum().item())
+    if labelled == 0:
+        return {"labelled": 0, "pixAcc": None, "mIoU": None, "classes": [], "worst": None, "worst_IoU": None}
+    present = torch.nonzero(union > 0).flatten()
+    iou = tp[present] / union[present]
+    worst = int(torch.argmin(iou).item())  # the first minimum: the lowest class id among equals
+    return {"labelled": labelled, "pixAcc": (tp.sum() / labelled).item(), "mIoU": iou.mean().item(),
+            "classes": present.tolist(), "worst": int(present[worst].item()), "worst_IoU": iou[worst].item()}
 
 
 def _pct(value: float) -> str:
