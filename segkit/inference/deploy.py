@@ -14,6 +14,7 @@ sizes the export did not see and reports the largest logit difference and the ar
 from __future__ import annotations
 
 import copy
+import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -136,7 +137,11 @@ def export_graph(fmt: str, graph: DeployModel, path: Path) -> None:
             _name_onnx_dims(proto, graph.normalize_inside)
             onnx.save(proto, str(path))
         elif fmt == "torchscript":
-            torch.jit.save(torch.jit.trace(graph, example, check_trace=False), str(path))
+            # Through memory: torch.jit.save aborts the process when the disk is full (its zip
+            # writer throws again in its destructor); a plain write fails with an OSError instead.
+            encoded = io.BytesIO()
+            torch.jit.save(torch.jit.trace(graph, example, check_trace=False), encoded)
+            path.write_bytes(encoded.getvalue())
         elif fmt == "exported_program":
             program = torch.export.export(graph, (example,), dynamic_shapes=_dynamic_shapes(graph.normalize_inside))
             torch.export.save(program, str(path))

@@ -9,7 +9,7 @@ import torch
 from segkit.checkpoints.checkpoint import ModelCheckpoint, label_space_of
 from segkit.checkpoints.release import read_release, release_config, write_meta, write_release
 from segkit.errors import ConfigError, ExportError
-from segkit.files import write_dir_atomic
+from segkit.files import tensor_bytes, write_dir_atomic
 from segkit.inference.deploy import GRAPH_FILES, check_parity, deploy_model, export_graph, load_graph, usage
 from segkit.inference.prepare import load_network
 from segkit.settings import ExportModelJob, as_dict
@@ -29,7 +29,7 @@ def export_model(job: ExportModelJob, ckpt: ModelCheckpoint) -> Path:
     net = load_network(ckpt, job.backbone, job.model, space.num_classes, torch.device("cpu"))
 
     if job.format == "pretrained":
-        write_dir_atomic(out, lambda d: write_release(d, ckpt.state, config, space, ckpt))
+        write_dir_atomic(out, lambda d: write_release(d, ckpt.state, config, space, ckpt), size=tensor_bytes(ckpt.state))
         read_release(out)  # what was written reads back
         print(f"wrote release {out} (model.safetensors, config.json, README.md)")
         return out
@@ -55,6 +55,6 @@ def export_model(job: ExportModelJob, ckpt: ModelCheckpoint) -> Path:
         write_meta(directory, release_config(config, space, ckpt, path, fmt=f"segkit-{job.format}", graph=graph),
                    usage(job.format, job.normalize_inside))
 
-    write_dir_atomic(out, fill)
+    write_dir_atomic(out, fill, size=tensor_bytes(net.state_dict()))  # a graph holds about its weights' bytes
     print(f"wrote {out / GRAPH_FILES[job.format]} with config.json and README.md")
     return out

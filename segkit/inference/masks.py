@@ -14,6 +14,7 @@ it. Every file is written under a temporary name and renamed into place, so an i
 never leaves a truncated PNG that a later evaluation would read.
 """
 
+import io
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from segkit.errors import DataError
+from segkit.files import write_bytes_atomic
 
 KINDS = ("labels", "color", "overlay", "compare")
 OVERLAY_ALPHA = 0.5
@@ -80,13 +82,13 @@ def mask_path(out_dir: Path, kind: str, name: str) -> Path:
 
 
 def write_png(path: Path, image: Image.Image) -> None:
+    """``image`` as a PNG at ``path``, atomically (a full disk: WriteError naming ``path``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG")
+    # No fsync per mask (an export writes thousands); the temporary name is per process, as ranks
+    # or predictors may write the same name.
+    write_bytes_atomic(path, encoded.getvalue(), sync=False, tmp=path.with_name(f".{path.name}.{os.getpid()}.tmp"))
 
 
 def write_masks(out_dir: str | os.PathLike, name: str, kinds: Sequence[str], pred: np.ndarray, image: np.ndarray,

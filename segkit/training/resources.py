@@ -10,15 +10,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
-
+from segkit.errors import first_line, is_out_of_memory
 from segkit.settings import TrainJob
 from segkit.training.interrupt import resume_command
 
 # torch's two reports: "DataLoader worker (pid 123) is killed by signal: Killed." (its SIGCHLD
 # handler) and "DataLoader worker (pid(s) 123, 124) exited unexpectedly" (a queue timeout).
 _WORKER_KILLED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) (?:is killed by signal: ([^.\n]+)|exited unexpectedly)")
-_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory")
 
 
 def worker_failure(e: BaseException) -> tuple[str, str | None] | None:
@@ -28,17 +26,6 @@ def worker_failure(e: BaseException) -> tuple[str, str | None] | None:
         return None
     m = _WORKER_KILLED.search(str(e))
     return (m.group(1).strip(), m.group(2)) if m else None
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    return isinstance(e, RuntimeError) and any(s in str(e).lower() for s in _OUT_OF_MEMORY)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [line for line in str(e).strip().splitlines() if line.strip()]
-    return lines[0].strip() if lines else type(e).__name__
 
 
 def checkpoint_state(run_dir: Path, last_saved: int | None, ckpt_every: int) -> str:
@@ -67,7 +54,7 @@ def explain(e: BaseException, job: TrainJob, run_dir: Path, last_saved: int | No
                      f"dataset.crop_size (now {crop}); {amp} also lowers the memory of the training step")
         return f"{cause}; {saved}"
     if is_out_of_memory(e):
-        return (f"out of memory ({_first_line(e)}): lower train.batch_size (now {t.batch_size}), raise "
+        return (f"out of memory ({first_line(e)}): lower train.batch_size (now {t.batch_size}), raise "
                 f"train.accum_steps (now {t.accum_steps}: the same total batch in smaller pieces) or lower "
                 f"dataset.crop_size (now {crop}), or use {amp}; fewer train.workers (now {t.workers}) frees "
                 f"host memory; {saved}")

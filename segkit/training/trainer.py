@@ -32,7 +32,7 @@ from segkit.data import build_dataset, train_transform
 from segkit.data.base import SegmentationDataset
 from segkit.data.label_space import LabelSpace
 from segkit.distributed import Env, all_reduce, setup_distributed
-from segkit.errors import CheckpointError, ConfigError, SegkitError
+from segkit.errors import CheckpointError, ConfigError, OutOfResources, SegkitError
 from segkit.evaluation.loop import evaluate
 from segkit.inference.masks import comparison
 from segkit.inference.options import AUTOCAST_DTYPES, InferenceOptions
@@ -48,10 +48,6 @@ from segkit.training.sampler import IterationBatchSampler, SeededSamples
 
 class TrainingDiverged(SegkitError):
     """The loss became NaN or infinite."""
-
-
-class OutOfResources(SegkitError):
-    """Memory ran out (an out-of-memory error, or a DataLoader worker killed by a signal)."""
 
 
 def resolve_resume(resume: Any, run_dir: Path) -> Path | None:
