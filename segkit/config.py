@@ -19,8 +19,9 @@ from omegaconf.errors import OmegaConfBaseException
 from segkit.errors import ConfigError
 from segkit.inference.options import InferenceOptions
 from segkit.settings import (CHECKPOINT_GROUPS, DemoDatasetSettings, EvalJob, ExportModelJob, FolderDatasetSettings,
-                             TrainJob, check_class_weights, check_dataset, check_max_batch, check_resume,
-                             describe_omegaconf_error, saved_node, to_settings, validate)
+                             TrainJob, check_class_weights, check_dataset, check_eval_sizes, check_max_batch,
+                             check_resume, describe_omegaconf_error, physical_memory, saved_node, to_settings,
+                             validate)
 
 
 def register_schemas() -> None:
@@ -85,6 +86,7 @@ def eval_job(cfg: DictConfig, saved: Mapping[str, Any] | None, overrides: Sequen
         raise ConfigError(f"eval.amp={job.eval.amp} and eval.dtype={job.eval.dtype} are two ways to run in "
                           f"lower precision: pick one (amp: autocast per layer; dtype: weights cast once)")
     check_dataset(job.dataset, job.backbone.output_stride)
+    check_eval_sizes(job.eval, job.dataset, physical_memory())
     if job.predict.input is not None and job.export.dir is None:
         raise ConfigError("predict.input needs export.dir=DIR: predictions are only written as files")
     return job

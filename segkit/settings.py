@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -361,6 +362,43 @@ def check_class_weights(value: Any) -> None:
     if value is None or value == "auto":
         return
     if not (isinstance(value, (list, tuple)) and value and all(
+def physical_memory() -> int:
+    """Bytes of memory this machine has."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_eval_sizes(e: EvalSettings, d: DatasetSettings, memory: int) -> None:
+    """ConfigError when ``eval.scales`` (or, single scale, ``eval.max_size``) imply more memory for one
+    image than the machine has (``memory`` bytes).
+
+    Multi-scale prediction resizes the image so that its long side is ``ceil(dataset.base_size *
+    scale)`` and holds every scale's resized image (3 x L x L float32, at worst square) with the
+    class scores of one scale (C x L x L); single scale, an image up to ``eval.max_size`` a side goes
+    through the network whole, with its C x L x L scores. These are lower bounds of what prediction
+    needs (the network's activations come on top), so a setting refused here cannot work."""
+    classes = d.num_classes or 1  # a folder dataset's count comes from its data: at least one
+    per_pixel = 4 * (3 + classes)  # float32 image and scores
+    if e.scales is not None:
+        sides = [math.ceil(d.base_size * s) for s in e.scales]
+        needed = 4 * 3 * sum(side * side for side in sides) + 4 * classes * max(sides) ** 2
+        if needed > memory:
+            largest = max(e.scales)
+            fits = math.isqrt(memory // per_pixel) / d.base_size
+            raise ConfigError(
+                f"eval.scales={list(e.scales)} is too large: at scale {largest:g} the image's long side is "
+                f"{max(sides)} px (ceil(dataset.base_size={d.base_size} x {largest:g})), and the scaled images with "
+                f"the class scores of one ({classes} classes x {max(sides)} x {max(sides)} float32) need at least "
+                f"{needed / 2**30:.1f} GiB, more than this machine's {memory / 2**30:.1f} GiB of memory; "
+                f"a single scale up to about {fits:.2f} fits")
+    elif e.max_size is not None and per_pixel * e.max_size ** 2 > memory:
+        fits = math.isqrt(memory // per_pixel)
+        raise ConfigError(
+            f"eval.max_size={e.max_size} is too large: an image up to {e.max_size} px a side is predicted whole, "
+            f"and it with its class scores ({classes} classes x {e.max_size} x {e.max_size} float32) needs at least "
+            f"{per_pixel * e.max_size ** 2 / 2**30:.1f} GiB, more than this machine's {memory / 2**30:.1f} GiB of "
+            f"memory; at most about {fits} fits (longer images then go through crop windows)")
+
+
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in value)):
         raise ConfigError(f"model.loss.class_weights={value!r} is invalid: expected null, auto or a list of "
                           f"one weight >= 0 per class")

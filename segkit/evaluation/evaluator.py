@@ -2,9 +2,11 @@
 or (``predict.input=DIR``) predict a folder of images through :class:`~segkit.inference.predictor.Predictor`."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from segkit.checkpoints.checkpoint import ModelCheckpoint, label_space_of
 from segkit.data import build_dataset
 from segkit.data.predict import image_files
 from segkit.distributed import Env, setup_distributed
-from segkit.errors import ConfigError
+from segkit.errors import ConfigError, OutOfResources, first_line, is_out_of_memory
 from segkit.evaluation.loop import evaluate
 from segkit.evaluation.mask_export import MaskExporter, open_export_dir
 from segkit.evaluation.metrics import format_table
@@ -48,6 +50,23 @@ def metrics_record(metrics: dict[str, Any], classes: list[str], job: EvalJob, op
     }
 
 
+@contextlib.contextmanager
+def memory_explained(job: EvalJob, options: InferenceOptions) -> Iterator[None]:
+    """An out-of-memory error inside becomes OutOfResources naming the settings that need less
+    (as training's :func:`segkit.training.resources.explain`); other errors pass unchanged."""
+    try:
+        yield
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        scales = "null" if options.scales is None else list(options.scales)
+        raise OutOfResources(
+            f"out of memory ({first_line(e)}) while predicting: fewer or smaller eval.scales (now {scales}), a "
+            f"lower eval.max_size (now {options.max_size}: longer images go through crop windows) or eval.max_batch "
+            f"(now {options.max_batch}) need less; eval.amp=bf16 (now {options.amp or 'fp32'}) lowers the "
+            f"network's memory; fewer eval.workers (now {job.eval.workers}) frees host memory") from e
+
+
 def predict_folder(job: EvalJob, options: InferenceOptions, ckpt: ModelCheckpoint, env: Env) -> None:
     """Predict every image below ``predict.input`` into ``export.dir`` (rank r takes images r, r + world,
     ...), in the label space the checkpoint carries (older checkpoints: the configured dataset's)."""
@@ -74,7 +93,8 @@ def run_evaluation(job: EvalJob, options: InferenceOptions, ckpt: ModelCheckpoin
     mode and on ranks other than 0)."""
     env = setup_distributed(job.eval.device, key="eval.device")
     if job.predict.input is not None:
-        predict_folder(job, options, ckpt, env)
+        with memory_explained(job, options):
+            predict_folder(job, options, ckpt, env)
         return None
     metrics_path = run_dir / "metrics.json"
     if metrics_path.exists():  # refused now, not after the whole evaluation
@@ -86,10 +106,11 @@ def run_evaluation(job: EvalJob, options: InferenceOptions, ckpt: ModelCheckpoin
                 if x.dir else None)
     d = job.dataset
     started = time.perf_counter()
-    metrics = evaluate(model, dataset, options, base_size=d.base_size, crop_size=d.crop_size,
-                       preprocess=d.preprocess, convention=d.miou_convention, pad_multiple=job.backbone.output_stride,
-                       device=env.device, num_workers=e.workers,
-                       progress=distributed.is_main_process() and e.progress, callback=exporter)
+    with memory_explained(job, options):
+        metrics = evaluate(model, dataset, options, base_size=d.base_size, crop_size=d.crop_size,
+                           preprocess=d.preprocess, convention=d.miou_convention,
+                           pad_multiple=job.backbone.output_stride, device=env.device, num_workers=e.workers,
+                           progress=distributed.is_main_process() and e.progress, callback=exporter)
     seconds = time.perf_counter() - started
     if not distributed.is_main_process():
         return None
