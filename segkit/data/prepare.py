@@ -32,16 +32,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import http.client
 import json
 import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
-import urllib.error
 import urllib.parse
-import urllib.request
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
@@ -68,6 +65,7 @@ from segkit.data.pascal_context import (
 )
 from segkit.data.rle import decode_rle
 from segkit.data.folder import MASK_SUFFIXES, color_lut_for, load_class_file
+from segkit.download import CHUNK, download, local_source
 from segkit.errors import DataError, SegkitError
 
 ADE20K_URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
@@ -81,59 +79,6 @@ CITYSCAPES_COUNTS = {"train": 2975, "val": 500}
 PASCAL_CONTEXT_COUNTS = {"train": 4998, "val": 5105}
 CITYSCAPES_ARCHIVES = {"leftImg8bit": "leftImg8bit_trainvaltest.zip", "gtFine": "gtFine_trainvaltest.zip"}
 CITYSCAPES_DOWNLOADS = "https://www.cityscapes-dataset.com/downloads/ (login required)"
-CHUNK = 1 << 20
-TIMEOUT_S = 60
-
-
-def local_source(source: str) -> Path | None:
-    """The file a ``file://`` URL or plain path names; None for a network URL."""
-    parsed = urllib.parse.urlparse(source)
-    if parsed.scheme == "file":
-        return Path(urllib.request.url2pathname(parsed.path))
-    if parsed.scheme in ("http", "https", "ftp"):
-        return None
-    return Path(source)
-
-
-def download(url: str, dest: Path) -> None:
-    """Download ``url`` to ``dest`` through ``dest.part``, resuming a previous partial download."""
-    part = dest.with_name(dest.name + ".part")
-    start = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
-    try:
-        response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and start:  # nothing left to fetch: the .part is already complete
-            part.rename(dest)
-            return
-        raise DataError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise DataError(f"cannot reach {url}: {getattr(e, 'reason', e)}") from None
-    with response:
-        resumed = start > 0 and response.status == 206
-        if resumed:
-            total = int(response.headers["Content-Range"].rsplit("/", 1)[1])
-        else:  # fresh start, or a server that ignores Range: begin again
-            start = 0
-            length = response.headers.get("Content-Length")
-            total = int(length) if length is not None else None
-        try:
-            with open(part, "ab" if resumed else "wb") as f, tqdm(
-                total=total, initial=start, unit="B", unit_scale=True, desc=dest.name
-            ) as bar:
-                while chunk := response.read(CHUNK):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-        except (OSError, http.client.HTTPException) as e:
-            raise DataError(f"download of {url} interrupted at {part.stat().st_size} bytes ({e}); "
-                            f"run the same command again to resume") from None
-    size = part.stat().st_size
-    if total is not None and size != total:
-        raise DataError(f"download of {url} stopped at {size} of {total} bytes; run the same "
-                        f"command again to resume")
-    part.rename(dest)
-
-
 def verify(path: Path, expected: Mapping[str, str | int], remove_on_mismatch: bool) -> None:
     """Check ``path`` against ``expected`` size and digests (hashlib names: sha256, sha1, ...)."""
     if not expected:
