@@ -274,3 +274,27 @@ def export_main() -> None:
     """``segkit-export``: a checkpoint as a release (safetensors + config.json + model card) or as an
     ONNX / TorchScript / ExportedProgram graph checked against PyTorch."""
     hydra_command("export_model", _export)
+
+
+def report_main(argv: list[str] | None = None) -> None:
+    """``segkit-report RUN_A RUN_B``: one page comparing two evaluations of the same dataset (their
+    run directories or metrics.json files): per-class IoU of both and the differences, and the
+    images that changed most when both have a per_image.jsonl."""
+    import argparse
+
+    from segkit.evaluation.report import write_comparison
+
+    parser = argparse.ArgumentParser(prog="segkit-report", description=report_main.__doc__.split(":", 1)[1].strip())
+    parser.add_argument("run_a", help="the first evaluation: its run directory or metrics.json")
+    parser.add_argument("run_b", help="the second evaluation, of the same dataset")
+    parser.add_argument("-o", "--out", default="compare.html", help="the page to write (default: %(default)s)")
+    args = parser.parse_args(argv)
+    page = run_cli(lambda: write_comparison(args.run_a, args.run_b, args.out))
+    print(f"comparison written to {page}")
+
+
+def zoo_main() -> None:
+    """``segkit-zoo``: released models by name (``list``, ``download``, ``import``, ``path``)."""
+    from segkit.checkpoints.zoo import command
+
+    sys.exit(run_cli(lambda: command(sys.argv[1:])))

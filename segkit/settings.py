@@ -131,6 +131,8 @@ class ModelSettings:
     aux_dropout: float = setting(0.1, ge=0, lt=1)
     align_corners: bool = True
     loss: LossSettings = field(default_factory=LossSettings)
+    init: Optional[str] = setting(None, nonempty=True, doc="null | zoo:NAME | a checkpoint | a release directory: "
+                                                           "start training from these weights (fine-tuning)")
 
 
 @dataclass

@@ -28,7 +28,8 @@ from segkit import __version__
 from segkit.data.label_space import LabelSpace
 from segkit.errors import CheckpointError, DataError
 from segkit.files import load_file, save_atomic
-from segkit.models.pretrained import load_into
+from segkit.models.convert import convert_encoding_state_dict, is_encoding_state_dict
+from segkit.models.pretrained import load_into, unwrap_state_dict
 
 if TYPE_CHECKING:
     from segkit.settings import DatasetSettings
@@ -81,6 +82,18 @@ class ModelCheckpoint:
     metrics: dict[str, float] | None = None
 
 
+def read_model_file(path: Path) -> ModelCheckpoint:
+    """A segkit checkpoint file, a PyTorch-Encoding DeepLabV3 state dict (renamed to segkit's keys)
+    or a bare state dict."""
+    obj = load_file(path)
+    if isinstance(obj, dict) and "model" in obj and "config" in obj:
+        space = read_label_space(obj["label_space"], path) if "label_space" in obj else None
+        return ModelCheckpoint(path, obj["model"], obj["config"], space, obj.get("iteration"), obj.get("metrics"))
+    state = unwrap_state_dict(obj, str(path))
+    return ModelCheckpoint(path, convert_encoding_state_dict(state) if is_encoding_state_dict(state) else state,
+                           None)
+
+
 def read_label_space(data: Any, source: Path) -> LabelSpace:
     """A saved label space (:meth:`LabelSpace.to_dict`), or CheckpointError naming ``source``."""
     try:
@@ -115,3 +128,41 @@ def restore_model(model: nn.Module, state: Mapping[str, torch.Tensor], path: Pat
                   saved_config: Mapping[str, Any] | None, backbone: str, num_classes: int) -> None:
     """Load checkpoint weights strictly, explaining an architecture or class-count mismatch."""
     load_into(model, dict(state), str(path), mismatch_hint(saved_config, backbone, num_classes))
+
+
+def _modules(keys: list[str]) -> list[str]:
+    """The modules the parameter and buffer ``keys`` belong to, in order, each once."""
+    return list(dict.fromkeys(k.rsplit(".", 1)[0] for k in keys))
+
+
+def init_from(model: nn.Module, source: ModelCheckpoint, label: str, backbone: str) -> str:
+    """Start ``model`` (a segmentor with backbone ``backbone``) from ``source``'s weights, as
+    ``model.init=label`` asks: every weight whose name and shape match is loaded, the rest (the
+    classifiers, when the class count differs) keep their fresh initialisation. A backbone that
+    does not match is refused (CheckpointError). Returns one line saying what was loaded and what
+    was re-initialised."""
+    saved = (source.config or {}).get("backbone", {}).get("name")
+    if saved is not None and saved != backbone:
+        raise CheckpointError(f"model.init={label} is a {saved} model, this run's backbone is {backbone}: "
+                              f"pass backbone={saved} to start from it")
+    own = model.state_dict()
+    state = source.state
+    unfit = [k for k, v in own.items() if k.startswith("backbone.") and (k not in state or state[k].shape != v.shape)]
+    if unfit:
+        shown = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" if k in state else f"{k} missing"
+                          for k in unfit[:3])
+        raise CheckpointError(f"model.init={label}: its backbone does not fit backbone={backbone} ({len(unfit)} of "
+                              f"its weights missing or of another shape: {shown}); pick the backbone it was trained as")
+    loaded = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    fresh = [k for k in own if k not in loaded]
+    model.load_state_dict(loaded, strict=False)
+    line = f"model.init={label}: loaded {len(loaded)} of {len(own)} weights"
+    if fresh:
+        classes = state.get("head.classifier.weight")
+        count = (f" ({classes.shape[0]} -> {own['head.classifier.weight'].shape[0]} classes)"
+                 if classes is not None and classes.shape[1:] == own["head.classifier.weight"].shape[1:] else "")
+        line += f"; re-initialised {', '.join(_modules(fresh))}{count}"
+    else:
+        line += "; nothing re-initialised"
+    unused = [k for k in state if k not in own]
+    return line + (f"; not used: {', '.join(_modules(unused))}" if unused else "")

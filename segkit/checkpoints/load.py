@@ -1,28 +1,24 @@
 """Reading a model from whatever a user points at: a segkit checkpoint, a release directory, a
-PyTorch-Encoding DeepLabV3 state dict or a bare state dict. It sits above both formats
-(:mod:`segkit.checkpoints.checkpoint`, :mod:`segkit.checkpoints.release`), which know nothing of each
-other's readers."""
+PyTorch-Encoding DeepLabV3 state dict, a bare state dict or ``zoo:NAME``. It sits above the formats
+(:mod:`segkit.checkpoints.checkpoint`, :mod:`segkit.checkpoints.release`) and the zoo
+(:mod:`segkit.checkpoints.zoo`), which know nothing of each other's readers."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from segkit.checkpoints.checkpoint import ModelCheckpoint, read_label_space
+from segkit.checkpoints import zoo
+from segkit.checkpoints.checkpoint import ModelCheckpoint, read_model_file
 from segkit.checkpoints.release import read_release
-from segkit.files import load_file
-from segkit.models.convert import convert_encoding_state_dict, is_encoding_state_dict
-from segkit.models.pretrained import unwrap_state_dict
 
 
-def load_model(path: Path) -> ModelCheckpoint:
-    """A segkit checkpoint or release directory, a PyTorch-Encoding DeepLabV3 state dict or a bare
-    state dict."""
+def load_model(path: str | Path) -> ModelCheckpoint:
+    """A segkit checkpoint or release directory, a PyTorch-Encoding DeepLabV3 state dict, a bare
+    state dict, or ``zoo:NAME``: a released model by name (downloaded and converted once, see
+    :mod:`segkit.checkpoints.zoo`)."""
+    name = zoo.zoo_name(path)
+    if name is not None:
+        return read_release(zoo.fetch(name))
     path = Path(path).expanduser()
     if path.is_dir():
         return read_release(path)
-    obj = load_file(path)
-    if isinstance(obj, dict) and "model" in obj and "config" in obj:
-        space = read_label_space(obj["label_space"], path) if "label_space" in obj else None
-        return ModelCheckpoint(path, obj["model"], obj["config"], space, obj.get("iteration"), obj.get("metrics"))
-    state = unwrap_state_dict(obj, str(path))
-    return ModelCheckpoint(path, convert_encoding_state_dict(state) if is_encoding_state_dict(state) else state,
-                           None)
+    return read_model_file(path)

@@ -94,7 +94,8 @@ def model_card(meta: Mapping[str, Any], usage: str) -> str:
         "",
         "## Metrics",
         "",
-        *(["Validation metrics recorded in the source checkpoint (single scale):", "", "| metric | value |",
+        *(_published_lines(meta["published"]) if meta.get("published") else
+          ["Validation metrics recorded in the source checkpoint (single scale):", "", "| metric | value |",
            "|---|---|", *metric_lines] if metric_lines
           else ["The source checkpoint records no metrics (``best.pt`` holds those it was chosen by)."]),
         "",
@@ -112,14 +113,26 @@ def model_card(meta: Mapping[str, Any], usage: str) -> str:
     return "\n".join(lines)
 
 
+def _published_lines(published: Mapping[str, Any]) -> list[str]:
+    """The model card's metrics of a release that quotes published numbers (``published`` in
+    config.json: the metrics, ``source`` and ``reproduce``, the command that measures them)."""
+    values = [(k, v) for k, v in published.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return [f"Published by {published.get('source', 'its authors')} (multi-scale + flip):", "",
+            "| metric | value |", "|---|---|", *[f"| {k} | {v:.2f} |" for k, v in values], "",
+            *(["Reproduce them (the recipe's evaluation settings are this release's):", "", "```",
+               *published["reproduce"], "```"] if published.get("reproduce") else [])]
+
+
 def write_release(directory: Path, state: Mapping[str, torch.Tensor], config: Mapping[str, Any],
-                  label_space: LabelSpace, source: ModelCheckpoint) -> None:
-    """Write the release files into ``directory`` (an empty one: see :func:`segkit.files.write_dir_atomic`)."""
+                  label_space: LabelSpace, source: ModelCheckpoint, usage: str = PREDICTOR_USAGE,
+                  **extra: Any) -> None:
+    """Write the release files into ``directory`` (an empty one: see :func:`segkit.files.write_dir_atomic`);
+    ``usage`` goes into the model card, ``extra`` into config.json."""
     weights = directory / WEIGHTS
     # safetensors wants contiguous tensors that share no memory.
     save_safetensors({k: v.detach().contiguous().clone() for k, v in state.items()}, str(weights),
                      metadata={"format": "pt"})
-    write_meta(directory, release_config(config, label_space, source, weights), PREDICTOR_USAGE)
+    write_meta(directory, release_config(config, label_space, source, weights, **extra), usage)
 
 
 def read_release(directory: Path) -> ModelCheckpoint:

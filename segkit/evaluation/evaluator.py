@@ -16,6 +16,7 @@ from segkit import distributed
 from segkit.checkpoints.checkpoint import ModelCheckpoint, label_space_of
 from segkit.data import build_dataset
 from segkit.data.predict import image_files
+from segkit.checkpoints.release import WEIGHTS
 from segkit.distributed import Env, setup_distributed
 from segkit.errors import ConfigError, OutOfResources, first_line, is_out_of_memory
 from segkit.evaluation.loop import evaluate
@@ -45,7 +46,8 @@ def metrics_record(metrics: dict[str, Any], classes: list[str], job: EvalJob, op
         "scales": None if options.scales is None else list(options.scales), "flip": options.flip,
         "align_corners": options.align_corners, "fusion": options.fusion, "window_placement": options.window_placement,
         "checkpoint": str(checkpoint),
-        "checkpoint_sha256": sha256_file(checkpoint), "num_images": metrics["num_images"], "seconds": seconds,
+        "checkpoint_sha256": sha256_file(checkpoint / WEIGHTS if checkpoint.is_dir() else checkpoint),  # a release's weights
+        "num_images": metrics["num_images"], "seconds": seconds,
         "images_per_s": metrics["num_images"] / seconds if seconds > 0 else None,
     }
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from segkit.checkpoints.checkpoint import label_space_of
 from segkit.checkpoints.load import load_model
+from segkit.checkpoints.zoo import zoo_name
 from segkit.data.base import read_image, rgb_array
 from segkit.data.label_space import LabelSpace
 from segkit.errors import CheckpointError, ConfigError
@@ -138,7 +139,7 @@ class Predictor:
         (the dataset's evaluation scales with flip) or a list of scales (with flip). ``options`` and
         ``fields`` as for the constructor; the model is prepared as they say (``channels_last``,
         ``fold_bn``, ``dtype``, ``compile``, as ``eval.*``)."""
-        ckpt = load_model(Path(path))
+        ckpt = load_model(path)
         if ckpt.config is None:
             raise CheckpointError(
                 f"{path} is a bare state dict: it does not say which network and classes it holds. Make a "
@@ -157,8 +158,9 @@ class Predictor:
     def from_pretrained(cls, directory: str | os.PathLike, device: torch.device | str = "auto", tta: TTA = False,
                         options: InferenceOptions | None = None, **fields: Any) -> Predictor:
         """A release directory written by ``segkit-export format=pretrained`` (no network access, no
-        training config needed); arguments as :meth:`from_checkpoint`."""
-        if not Path(directory).expanduser().is_dir():
+        training config needed), or ``zoo:NAME``, a released model by name (downloaded once, see
+        :mod:`segkit.checkpoints.zoo`); arguments as :meth:`from_checkpoint`."""
+        if zoo_name(directory) is None and not Path(directory).expanduser().is_dir():
             raise CheckpointError(f"{directory} is not a release directory (model.safetensors + config.json)")
         return cls.from_checkpoint(directory, device, tta, options, **fields)
 

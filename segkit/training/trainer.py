@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from segkit import distributed
 from segkit.checkpoints import checkpoint
+from segkit.checkpoints.load import load_model
 from segkit.data import build_dataset, train_transform
 from segkit.data.base import SegmentationDataset
 from segkit.data.label_space import LabelSpace
@@ -160,12 +161,18 @@ def build_training(job: TrainJob, run_dir: Path) -> TrainingParts:
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     job = _resolve_class_weights(job, train_set, ckpt)
-    model = build_segmentor(job.backbone, job.model, job.dataset.num_classes, load_weights=ckpt is None)
+    init = job.model.init if ckpt is None else None  # a resumed run continues from its own weights
+    # ImageNet weights only for a run that starts from nothing else.
+    model = build_segmentor(job.backbone, job.model, job.dataset.num_classes, load_weights=ckpt is None and not init)
     model.set_grad_checkpointing(t.grad_checkpointing)
     model.set_selective_recompute(t.selective_recompute)
     if ckpt is not None:
         checkpoint.restore_model(model, ckpt["model"], resume_path, ckpt.get("config"), job.backbone.name,
                                  job.dataset.num_classes)
+    elif init:
+        line = checkpoint.init_from(model, load_model(init), init, job.backbone.name)
+        if distributed.is_main_process():
+            print(line, flush=True)
     if env.device.type == "cuda" and env.world_size > 1 and t.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(env.device, memory_format=torch.channels_last if t.channels_last else torch.contiguous_format)
