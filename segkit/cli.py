@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from segkit import distributed, reporting
 from segkit.errors import SegkitError
+from segkit.launch import maybe_launch
 from segkit.training.interrupt import Interrupted, exit_status, watch_parent
 
 T = TypeVar("T")
@@ -261,12 +262,16 @@ def _export(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
 
 
 def train_main() -> None:
-    """``segkit-train``: train a segmentor; the defaults are the paper's recipe."""
+    """``segkit-train``: train a segmentor; the defaults are the paper's recipe. With
+    ``--nproc-per-node=N``: on N ranks of this machine (:mod:`segkit.launch`)."""
+    maybe_launch(sys.argv)
     hydra_command("train", _train)
 
 
 def eval_main() -> None:
-    """``segkit-eval``: evaluate a checkpoint (multi-scale + flip by default) and export masks."""
+    """``segkit-eval``: evaluate a checkpoint (multi-scale + flip by default) and export masks; with
+    ``--nproc-per-node=N`` on N ranks."""
+    maybe_launch(sys.argv)
     hydra_command("eval", _eval)
 
 
