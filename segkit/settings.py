@@ -360,10 +360,6 @@ def check_max_batch(value: Any) -> None:
         raise ConfigError(f"eval.max_batch={value!r} is invalid: expected auto or an integer >= 1")
 
 
-def check_class_weights(value: Any) -> None:
-    if value is None or value == "auto":
-        return
-    if not (isinstance(value, (list, tuple)) and value and all(
 def physical_memory() -> int:
     """Bytes of memory this machine has."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -401,6 +397,10 @@ def check_eval_sizes(e: EvalSettings, d: DatasetSettings, memory: int) -> None:
             f"memory; at most about {fits} fits (longer images then go through crop windows)")
 
 
+def check_class_weights(value: Any) -> None:
+    if value is None or value == "auto":
+        return
+    if not (isinstance(value, (list, tuple)) and value and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in value)):
         raise ConfigError(f"model.loss.class_weights={value!r} is invalid: expected null, auto or a list of "
                           f"one weight >= 0 per class")
