@@ -202,6 +202,8 @@ class EvalSettings:
     device: str = setting("auto", choices=DEVICE_CHOICES)
     workers: int = setting(2, ge=0)
     progress: bool = True
+    report: bool = setting(True, doc="write report/index.html next to metrics.json")
+    report_worst: int = setting(24, ge=0, doc="the report's worst images by per-image mIoU")
 
 
 @dataclass

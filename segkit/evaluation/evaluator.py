@@ -5,28 +5,32 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from segkit import distributed
 from segkit.checkpoints.checkpoint import ModelCheckpoint, label_space_of
+from segkit.checkpoints.release import WEIGHTS
 from segkit.data import build_dataset
 from segkit.data.predict import image_files
-from segkit.checkpoints.release import WEIGHTS
 from segkit.distributed import Env, setup_distributed
 from segkit.errors import ConfigError, OutOfResources, first_line, is_out_of_memory
 from segkit.evaluation.loop import evaluate
 from segkit.evaluation.mask_export import MaskExporter, open_export_dir
 from segkit.evaluation.metrics import format_table
+from segkit.evaluation.report import REPORT_DIR, WorstImages, named_row, write_report
 from segkit.files import sha256_file, write_text_atomic
 from segkit.inference.masks import export_kinds
 from segkit.inference.options import InferenceOptions
 from segkit.inference.predictor import Predictor
 from segkit.inference.prepare import load_network
+from segkit.records import read_metrics
 from segkit.settings import EvalJob
 
 
@@ -49,7 +53,37 @@ def metrics_record(metrics: dict[str, Any], classes: list[str], job: EvalJob, op
         "checkpoint_sha256": sha256_file(checkpoint / WEIGHTS if checkpoint.is_dir() else checkpoint),  # a release's weights
         "num_images": metrics["num_images"], "seconds": seconds,
         "images_per_s": metrics["num_images"] / seconds if seconds > 0 else None,
+        "labelled_pixels": metrics["labelled_pixels"], "ignored_pixels": metrics["ignored_pixels"],
+        "confusion": metrics["confusion"],  # rows truth, columns prediction
     }
+
+
+def device_name(device: torch.device) -> str:
+    """The device in words: the GPU's name, or the CPU's model (Linux) and thread count."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    model = ""
+    with contextlib.suppress(OSError):
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), "")
+    return f"cpu ({model + ', ' if model else ''}{torch.get_num_threads()} threads)"
+
+
+def training_curve(checkpoint: Path) -> list[dict[str, Any]] | None:
+    """The records of the segkit run ``checkpoint`` lies in (its metrics.jsonl), None without one;
+    a damaged file costs the report its curve, not the evaluation."""
+    path = checkpoint.parent / "metrics.jsonl"
+    if not checkpoint.is_file() or not path.is_file():
+        return None
+    try:
+        return read_metrics(path)
+    except (ConfigError, OSError) as e:
+        print(f"warning: the report shows no validation curve: {e}", file=sys.stderr)
+        return None
+
+
+def write_per_image(path: Path, rows: list[dict[str, Any]]) -> None:
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 @contextlib.contextmanager
@@ -107,18 +141,30 @@ def run_evaluation(job: EvalJob, options: InferenceOptions, ckpt: ModelCheckpoin
     exporter = (MaskExporter(x.dir, dataset, overwrite=x.overwrite, overlay=x.overlay, side_by_side=x.side_by_side)
                 if x.dir else None)
     d = job.dataset
+    worst = WorstImages(e.report_worst, dataset.ignore_index) if e.report else None
+    date = time.strftime("%Y-%m-%d %H:%M:%S %z")
     started = time.perf_counter()
     with memory_explained(job, options):
         metrics = evaluate(model, dataset, options, base_size=d.base_size, crop_size=d.crop_size,
                            preprocess=d.preprocess, convention=d.miou_convention,
                            pad_multiple=job.backbone.output_stride, device=env.device, num_workers=e.workers,
-                           progress=distributed.is_main_process() and e.progress, callback=exporter)
+                           progress=distributed.is_main_process() and e.progress, callback=exporter,
+                           per_image=True, row_callback=worst)
     seconds = time.perf_counter() - started
+    kept = worst.gathered() if worst is not None else []  # every rank takes part
     if not distributed.is_main_process():
         return None
     print(format_table(metrics, dataset.classes))
     record = metrics_record(metrics, dataset.classes, job, options, ckpt.path, seconds)
+    record.update(date=date, device=device_name(env.device))
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(metrics_path, json.dumps(record, indent=2))
-    print(f"metrics written to {metrics_path}")
+    rows = [named_row(row, dataset.name(row["index"]), dataset.classes) for row in metrics["per_image"]]
+    write_per_image(run_dir / "per_image.jsonl", rows)
+    print(f"metrics written to {metrics_path}, per-image numbers to {run_dir / 'per_image.jsonl'}")
+    if e.report:
+        page = write_report(run_dir / REPORT_DIR, record, dataset.classes, dataset.palette,
+                            {row["index"]: row for row in rows}, kept, training_curve(Path(ckpt.path)),
+                            dataset.ignore_index)
+        print(f"report written to {page}")
     return record

@@ -166,16 +166,17 @@ def heatmap(confusion: np.ndarray, classes: Sequence[str], ids: Sequence[int]) -
     heat map; a cell's tooltip gives its share and count."""
     mat = np.asarray(confusion, np.float64)
     rows = mat.sum(1)
-    cell, label_w = 16, 150
     n = len(ids)
+    cell, label_w = max(16, min(48, 640 // max(n, 1))), 150  # cells large enough for a number up to 13 classes
     size_w, size_h = label_w + n * cell + 10, label_w + n * cell + 10
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{size_w}" height="{size_h}" role="img" '
              f'aria-label="row-normalised confusion matrix">']
     for k, i in enumerate(ids):
         y = label_w + k * cell
-        parts.append(f'<text x="{label_w - 4}" y="{y + 12}" font-size="10" text-anchor="end">{_esc(classes[i])}</text>')
+        parts.append(f'<text x="{label_w - 4}" y="{y + cell / 2 + 4}" font-size="10" text-anchor="end">'
+                     f'{_esc(classes[i])}</text>')
         x = label_w + k * cell
-        parts.append(f'<text transform="translate({x + 12},{label_w - 4}) rotate(-60)" font-size="10">'
+        parts.append(f'<text transform="translate({x + cell / 2 + 4},{label_w - 4}) rotate(-60)" font-size="10">'
                      f'{_esc(classes[i])}</text>')
     for a, t in enumerate(ids):
         for b, p in enumerate(ids):
@@ -185,6 +186,10 @@ def heatmap(confusion: np.ndarray, classes: Sequence[str], ids: Sequence[int]) -
             parts.append(f'<rect x="{label_w + b * cell}" y="{label_w + a * cell}" width="{cell}" height="{cell}" '
                          f'fill="{color}" stroke="#eee" stroke-width="0.5"><title>truth {_esc(classes[t])}, '
                          f'predicted {_esc(classes[p])}: {_pct(share)}% ({int(mat[t, p])} px)</title></rect>')
+            if cell >= 40 and mat[t, p] > 0:
+                ink = "#fff" if share > 0.6 else "#000"
+                parts.append(f'<text x="{label_w + b * cell + cell / 2}" y="{label_w + a * cell + cell / 2 + 4}" '
+                             f'font-size="11" text-anchor="middle" fill="{ink}">{_pct(share, 0) if share >= 0.005 else "&lt;1"}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -225,8 +230,8 @@ table{border-collapse:collapse;font-size:13px}td,th{padding:2px 8px;border-botto
 th.num,td.num{text-align:right}table.sortable th{cursor:pointer;background:#f4f4f4}
 .headline span{display:inline-block;margin-right:2em;font-size:1.2em}.headline b{font-size:1.4em}
 .swatch{display:inline-block;width:12px;height:12px;border:1px solid #555;vertical-align:middle}
-.cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #ccc;padding:6px;font-size:12px}
-.card img{display:block;max-width:100%}.cols{display:flex;gap:2em;flex-wrap:wrap;align-items:flex-start}
+.cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #ccc;padding:6px;font-size:12px;width:520px}
+.card img{display:block;width:100%;image-rendering:pixelated}.cols{display:flex;gap:2em;flex-wrap:wrap;align-items:flex-start}
 .up{color:#080}.down{color:#b00}"""
 
 SCRIPT = """document.querySelectorAll('table.sortable').forEach(function (table) {
@@ -328,12 +333,13 @@ def render_report(record: dict[str, Any], classes: Sequence[str], palette: np.nd
                 "in their truth or prediction). Each: image | prediction | truth | errors (wrong pixels "
                 "red, ignored pixels grey).</p>")
     if worst:
-        held = sorted({c for row, _ in worst for c in row["classes"]}, key=list(classes).index)
+        class_id = {name: i for i, name in enumerate(classes)}
+        held = sorted({c for row, _ in worst for c in row["classes"]}, key=class_id.__getitem__)
         body.append('<p><label>Images holding <select id="class-filter"><option value="">any class</option>' +
-                    "".join(f'<option value="{classes.index(c)}">{_esc(c)}</option>' for c in held) +
+                    "".join(f'<option value="{class_id[c]}">{_esc(c)}</option>' for c in held) +
                     f'</select></label> <span id="filter-count">{len(worst)} shown</span></p><div class="cards">')
         for row, src in worst:
-            ids_held = " ".join(str(classes.index(c)) for c in row["classes"])
+            ids_held = " ".join(str(class_id[c]) for c in row["classes"])
             body.append(f'<div class="card" data-classes="{ids_held}"><img src="{_esc(src)}" alt="{_esc(row["name"])}">'
                         f'<b>{_esc(row["name"])}</b>: mIoU {_pct(row["mIoU"])}%, pixAcc {_pct(row["pixAcc"])}%, '
                         f'worst class {_esc(row["worst"])} (IoU {_pct(row["worst_IoU"])}%), '
