@@ -121,7 +121,7 @@ def test_failed_write_leaves_neither_partial_nor_temporary_file(tmp_path, monkey
     exporter = MaskExporter(tmp_path, ds)
 
     def broken_save(self, fp, *args, **kwargs):
-        open(fp, "wb").write(b"\x89PNG truncated")
+        (fp.write if hasattr(fp, "write") else open(fp, "wb").write)(b"\x89PNG truncated")
         raise OSError("disk full")
 
     monkeypatch.setattr(Image.Image, "save", broken_save)
