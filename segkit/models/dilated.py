@@ -57,8 +57,9 @@ def dilated_conv3x3_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     n, c, h, w = x.shape
     cout = weight.shape[0]
     xh = x.permute(0, 2, 3, 1).contiguous()  # NHWC; a view already for channels_last input
-    # One (C, Cout) matrix per tap: views of a channels_last weight (a GEMM reads them transposed).
-    taps = weight.permute(2, 3, 1, 0).reshape(9, c, cout)
+    # One (C, Cout) matrix per tap: views of a channels_last weight (a GEMM reads them transposed);
+    # unbind's backward stacks the taps' gradients once instead of scattering each into a full one.
+    taps = weight.permute(2, 3, 1, 0).reshape(9, c, cout).unbind(0)
 
     def tap(k: int) -> torch.Tensor:
         # A batched GEMM reads a broadcast strided matrix slowly: copy the taps it uses (C x Cout each).

@@ -143,7 +143,11 @@ class Bottleneck(nn.Module):
     def merge(self, branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The block's output from its branch's output and its input."""
         shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(self.bn3(branch) + shortcut, inplace=True)
+        out = self.bn3(branch)
+        if torch.is_grad_enabled():
+            return F.relu(out + shortcut, inplace=True)
+        # Inference: add into the branch's fresh output instead of allocating another full-size map.
+        return F.relu(out.add_(shortcut), inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.merge(self.branch(x), x)

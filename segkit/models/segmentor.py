@@ -30,7 +30,8 @@ class Segmentor(nn.Module):
     """DeepLabV3 on a dilated backbone.
 
     In eval mode ``forward`` returns ``{"out": logits}`` at the input size, upsampled bilinearly
-    with ``align_corners`` as configured (the original code uses True). In training mode it
+    with ``align_corners`` as configured (the original code uses True); on CPU a bf16 / fp16 model
+    upsamples, and returns, them in float32. In training mode it
     returns the logits at the heads' resolution (the input size / output stride), ``"out"`` plus
     ``"aux"`` (the FCN head on c3): :class:`segkit.training.losses.SegmentationLoss` upsamples them to the
     target inside its cross-entropy, with the same ``align_corners``, so that no full-resolution
@@ -71,6 +72,10 @@ class Segmentor(nn.Module):
         _, _, c3, c4 = self.backbone(x)
         out = self._head(self.head, c4)
         if not self.training:
+            if out.device.type == "cpu" and out.dtype in (torch.bfloat16, torch.float16):
+                # Evaluation takes float32 logits, and on CPU upsampling in float32 is faster than in
+                # bf16 plus the cast of the full-size map after it (and rounds once less).
+                out = out.float()
             return {"out": resize_logits(out, x.shape[-2:], self.align_corners)}
         if self.aux_head is None:
             return {"out": out}
