@@ -26,6 +26,7 @@ forward in each precision, with their input shapes. Examples:
     python bench/run.py --device cpu --backbone resnest50 --size 256 --batch 2 --amp bf16
     python bench/run.py --device cuda --backbone resnest101 --size 512 --batch 8 --amp bf16 --channels-last
     python bench/run.py --predictor-only        # segkit.Predictor vs the evaluator, single image 512x683
+    python bench/run.py --no-naive --rounds 5 --ms-rounds 2   # the bf16 targets without the naive loop
 """
 from __future__ import annotations
 
@@ -366,17 +367,21 @@ def measure_inference(seg: nn.Module, peer: nn.Module, args: argparse.Namespace)
     ms = {s: (lambda m=m, s=s: predict_multiscale(m, image, msflip.replace(amp=variant_autocast(s, args)),
                                                   base_size=args.base, crop_size=args.crop, num_classes=args.classes))
           for s, m in variants.items()}
-    ms["naive"] = lambda: naive_multiscale(seg, image, ADE_SCALES, True, args.base, args.crop, args.classes)
-    ms["naive_cl"] = lambda: naive_multiscale(seg_cl, image, ADE_SCALES, True, args.base, args.crop, args.classes)
+    if not args.no_naive:
+        ms["naive"] = lambda: naive_multiscale(seg, image, ADE_SCALES, True, args.base, args.crop, args.classes)
+        ms["naive_cl"] = lambda: naive_multiscale(seg_cl, image, ADE_SCALES, True, args.base, args.crop, args.classes)
     t = interleave(ms, args.ms_rounds, 1, args.device)
     results["infer_msflip_s_per_img"] = {s: statistics.median(v) for s, v in t.items()}
-    naive = ms["naive"]()
-    results["msflip_vs_naive"] = {}
+    # Agreement with the naive loop, or with segkit in fp32 without it (--no-naive).
+    reference = results["msflip_reference"] = "segkit" if args.no_naive else "naive"
+    expected = ms[reference]()
+    results[f"msflip_vs_{reference}"] = {}
     for s in ms:
-        if s.startswith("segkit"):
+        if s.startswith("segkit") and s != reference:
             out = ms[s]()
-            results["msflip_vs_naive"][s] = {"max_abs_diff": (out - naive).abs().max().item(),
-                                             "argmax_agreement": (out.argmax(0) == naive.argmax(0)).float().mean().item()}
+            results[f"msflip_vs_{reference}"][s] = {
+                "max_abs_diff": (out - expected).abs().max().item(),
+                "argmax_agreement": (out.argmax(0) == expected.argmax(0)).float().mean().item()}
 
     crop = torch.zeros(1, 3, args.crop, args.crop, device=args.device)
     results["gflop_per_call"] = {
@@ -430,7 +435,8 @@ def utilisation(results: dict, args: argparse.Namespace) -> dict:
             "bf16" if bf16 else amp, rate / single["peer_bf16" if bf16 else "peer"])
     for s, seconds in ms.items():
         add(f"infer msflip {s}", flops["msflip"] / seconds,
-            "bf16" if s == "segkit_bf16" else "fp32" if s.startswith("naive") else amp, ms["naive"] / seconds)
+            "bf16" if s == "segkit_bf16" else "fp32" if s.startswith("naive") else amp,
+            ms[results["msflip_reference"]] / seconds)
     return rows
 
 
@@ -546,9 +552,10 @@ def table(results: dict) -> str:
     if "segkit_compiled" in single:
         lines.append(row("  segkit eval.compile=true vs peer", "infer_single_img_per_s", "segkit_compiled", "peer"))
     lines.append(predictor_row(results))
-    lines += [row("multi-scale + flip s/image: segkit vs naive", "infer_msflip_s_per_img", "segkit", "naive"),
-              row("  segkit vs naive loop in channels_last", "infer_msflip_s_per_img", "segkit", "naive_cl")]
-    if "segkit_compiled" in ms:
+    if "naive" in ms:
+        lines += [row("multi-scale + flip s/image: segkit vs naive", "infer_msflip_s_per_img", "segkit", "naive"),
+                  row("  segkit vs naive loop in channels_last", "infer_msflip_s_per_img", "segkit", "naive_cl")]
+    if "segkit_compiled" in ms and "naive" in ms:
         lines.append(row("  segkit eval.compile=true vs naive", "infer_msflip_s_per_img", "segkit_compiled", "naive"))
     lines += bf16_rows(results, row)
     lines += [row("peak train memory MB: segkit vs peer", "peak_memory_mb", "segkit", "peer"),
@@ -559,8 +566,10 @@ def table(results: dict) -> str:
     for kind in ("forward", "train_step"):
         x, y = g["segkit"][kind], g["peer"][kind]
         lines.append(f"{'GFLOPs/image ' + kind + ': segkit vs peer':48s} {x:10.1f} {y:10.1f} {x / y:8.3f}")
-    for variant, agree in results["msflip_vs_naive"].items():
-        lines.append(f"multi-scale + flip, {variant} vs naive loop: speed-up {ms['naive'] / ms[variant]:.2f}x, "
+    reference = results["msflip_reference"]
+    for variant, agree in results[f"msflip_vs_{reference}"].items():
+        against = "naive loop" if reference == "naive" else "segkit fp32"
+        lines.append(f"multi-scale + flip, {variant} vs {against}: speed-up {ms[reference] / ms[variant]:.2f}x, "
                      f"max |diff| {agree['max_abs_diff']:.1e}, argmax agreement {agree['argmax_agreement']:.4%} "
                      f"({results['msflip_max_batch']} windows per forward)")
     for s, r in results["recomputation"].items():
@@ -627,7 +636,7 @@ def limits_table(results: dict) -> str:
                      f"{r['fraction_of_conv_peak']:8.1%} {r['vs_peer']:7.2f}x")
     lines.append("(of peak: the better of the matmul and conv peaks of the precision; of conv: the 3x3 conv peak. "
                  "vs peer: training and single scale against smp/timm (bf16 rows against the peer in bf16), "
-                 "multi-scale + flip against the naive loop; training with recomputation counts its useful FLOPs "
+                 "multi-scale + flip against the naive loop (segkit fp32 with --no-naive); training with recomputation counts its useful FLOPs "
                  "only; the FLOPs are the plain convolutions', taps in the padding included)")
     return "\n".join(lines)
 
@@ -671,6 +680,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crop", type=int, default=480, help="multi-scale window (ADE20K: 480)")
     p.add_argument("--max-batch", type=lambda v: v if v == "auto" else int(v), default="auto",
                    help="windows per forward in segkit's multi-scale + flip (eval.max_batch; default auto)")
+    p.add_argument("--no-naive", action="store_true",
+                   help="leave out the naive multi-scale loop (the slowest part); multi-scale rows against segkit fp32")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--ms-rounds", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
