@@ -21,6 +21,8 @@ import functools
 import torch
 from torch import nn
 
+from segkit.models.maps import recording_graph
+
 
 @functools.cache
 def cpu_has_bf16_units() -> bool:
@@ -109,7 +111,7 @@ class DilatedConv2d(nn.Conv2d):
 
     def _gemm_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The dtype to run the GEMM form in, or None for the convolution."""
-        if torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        if recording_graph():
             return None
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype

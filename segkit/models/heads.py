@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segkit.models.dilated import DilatedConv2d
+from segkit.models.maps import memory_format_of, spatial_mean
 from segkit.models.norm import NormLayer, norm_pooled
 
 # ASPP atrous rates per backbone output stride (Chen et al. 2017; doubled at stride 8).
@@ -31,8 +32,12 @@ class ASPPPooling(nn.Module):
         self.norm = norm_layer(out_ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = F.relu(norm_pooled(self.norm, self.conv(F.adaptive_avg_pool2d(x, 1))), inplace=True)
-        return pooled.expand(-1, -1, x.shape[2], x.shape[3])  # bilinear from 1x1 is a broadcast
+        pooled = F.relu(norm_pooled(self.norm, self.conv(spatial_mean(x))), inplace=True)
+        # Bilinear from 1x1 is a broadcast; materialised in x's memory format, so that the ASPP's
+        # concatenation keeps it (a broadcast view makes the concatenation NCHW, copied back by the
+        # projection's convolution under channels_last).
+        shape = (-1, -1, x.shape[2], x.shape[3])
+        return pooled.expand(shape).contiguous(memory_format=memory_format_of(x))
 
 
 class ASPP(nn.Module):

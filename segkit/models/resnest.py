@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segkit.models.checkpointing import recomputed
+from segkit.models.maps import memory_format_of, spatial_mean
 from segkit.models.norm import NormLayer, norm_pooled
 
 
@@ -58,7 +59,7 @@ class SplitAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn0(self.conv(x)), inplace=True)
-        gap = x.mean(dim=(2, 3), keepdim=True)
+        gap = spatial_mean(x)
         if self.radix > 1:
             # Pool, then sum the splits (both linear, so the order is free): no full-size map of the sum.
             gap = gap.unflatten(1, (self.radix, -1)).sum(dim=1)
@@ -74,8 +75,10 @@ class SplitAttention(nn.Module):
         if torch.is_grad_enabled():
             return (splits * attn).sum(dim=1)
         # Inference: accumulate split by split instead of materialising the radix-times larger
-        # product (4x faster on CPU in channels_last; with autograd the slices' backward costs more).
-        out = splits[:, 0] * attn[:, 0]
+        # product (4x faster on CPU in channels_last; with autograd the slices' backward costs more),
+        # into a map in x's memory format (see memory_format_of: else the avd pool returns NCHW).
+        out = torch.empty_like(splits[:, 0], memory_format=memory_format_of(x))
+        torch.mul(splits[:, 0], attn[:, 0], out=out)
         for r in range(1, self.radix):
             out.addcmul_(splits[:, r], attn[:, r])
         return out

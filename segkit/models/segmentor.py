@@ -1,6 +1,7 @@
 """A backbone of the ResNeSt family joined with the DeepLabV3 head (and the auxiliary FCN head)."""
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 
 from segkit.models.checkpointing import recomputed
 from segkit.models.heads import ASPP_RATES, DeepLabV3Head, FCNHead
+from segkit.models.maps import recording_graph
 from segkit.models.norm import get_norm_layer
 from segkit.models.pretrained import load_pretrained
 from segkit.models.resnest import ResNeSt, create_backbone
@@ -18,12 +20,45 @@ if TYPE_CHECKING:
 
 
 def resize_logits(logits: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:
-    """``logits`` resized bilinearly to ``size`` (H, W), or as they are when already that size."""
+    """``logits`` resized bilinearly to ``size`` (H, W), or as they are when already that size.
+
+    On CPU, bf16 / fp16 logits are resized in float32 (the result is float32) as two matrix products
+    (:func:`resize_by_matmul`): the CPU's bilinear kernels are slow for 150-class maps, several times
+    slower in bf16 than in float32 and slower still in backward (bench/NOTES.md), and evaluation
+    and the cross-entropy take the full-size map to float32 anyway. float32 logits and GPUs keep
+    ``F.interpolate``, and so do graph exports.
+    """
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     # NCHW logits whatever the model's memory format: the softmax / cross-entropy over classes
     # that follows is 2-4x slower on a channels_last tensor (CPU), and this copies the small map.
-    return F.interpolate(logits.contiguous(), size=tuple(size), mode="bilinear", align_corners=align_corners)
+    logits = logits.contiguous()
+    if logits.device.type == "cpu" and logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
+        if not recording_graph():
+            return resize_by_matmul(logits, size, align_corners)
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=align_corners)
+
+
+@functools.lru_cache(maxsize=32)
+def _interpolation_matrix(n_in: int, n_out: int, align_corners: bool, dtype: torch.dtype,
+                          device: torch.device) -> torch.Tensor:
+    """``n_out x n_in``: row i holds the linear-interpolation weights of output position i, taken
+    from ``F.interpolate`` itself (of the identity), so the sampling convention is PyTorch's."""
+    eye = torch.eye(n_in, dtype=torch.float64, device=device)[None]
+    weights = F.interpolate(eye, size=n_out, mode="linear", align_corners=align_corners)[0]
+    return weights.t().to(dtype).contiguous()
+
+
+def resize_by_matmul(x: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=align_corners)`` for an NCHW ``x``
+    as ``A_h @ x @ A_w^T`` (rows, then columns), up to float rounding; differentiable, its backward
+    two matrix products too."""
+    (h, w), (out_h, out_w) = x.shape[-2:], size
+    a_h = _interpolation_matrix(h, out_h, align_corners, x.dtype, x.device)
+    a_w = _interpolation_matrix(w, out_w, align_corners, x.dtype, x.device)
+    with torch.autocast(x.device.type, enabled=False):  # in x's dtype, also under autocast
+        return torch.matmul(a_h, torch.matmul(x, a_w.t()))
 
 
 class Segmentor(nn.Module):
@@ -72,10 +107,6 @@ class Segmentor(nn.Module):
         _, _, c3, c4 = self.backbone(x)
         out = self._head(self.head, c4)
         if not self.training:
-            if out.device.type == "cpu" and out.dtype in (torch.bfloat16, torch.float16):
-                # Evaluation takes float32 logits, and on CPU upsampling in float32 is faster than in
-                # bf16 plus the cast of the full-size map after it (and rounds once less).
-                out = out.float()
             return {"out": resize_logits(out, x.shape[-2:], self.align_corners)}
         if self.aux_head is None:
             return {"out": out}

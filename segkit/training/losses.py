@@ -113,10 +113,11 @@ class _PixelCrossEntropy(torch.autograd.Function):
         with torch.enable_grad(), torch.autocast(logits.device.type, enabled=False):
             small = logits.detach().requires_grad_()
             resized = resize_logits(small, target.shape[-2:], ctx.align_corners)
-        probs = resized.detach().to(lse.dtype, copy=True).sub_(lse.unsqueeze(1)).exp_()  # softmax
+        # The softmax in place, unless ``resized`` is the saved logits themselves (sizes equal).
+        probs = resized.detach().to(lse.dtype, copy=resized is small).sub_(lse.unsqueeze(1)).exp_()
         probs.scatter_add_(1, index, torch.full(index.shape, -1.0, dtype=probs.dtype, device=probs.device))
         probs.mul_(torch.where(valid, grad, 0.0).unsqueeze(1))
-        probs = probs.to(logits.dtype)
+        probs = probs.to(resized.dtype)
         if resized is small:
             return probs, None, None, None
         return torch.autograd.grad(resized, small, probs)[0], None, None, None

@@ -1,0 +1,28 @@
+"""Helpers for the models' feature maps: the memory format of new maps, global pooling, and whether
+a graph is being recorded (where the models keep their plain, size-independent operators)."""
+from __future__ import annotations
+
+import torch
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """The memory format to allocate a map like ``x`` in: channels_last when ``x`` is (NHWC), else
+    NCHW. Maps made from strided views (a channel slice times a broadcast) otherwise get strides
+    that later ops read as NCHW at batch 1, and the next channels_last convolution copies them."""
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+
+
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """``x.mean(dim=(2, 3), keepdim=True)`` as a sum then a division: bit for bit the same in float32.
+    For bf16 / fp16 on CPU, ``mean`` (and ``adaptive_avg_pool2d`` to 1x1, which calls it) first
+    copies the whole map to float32, where ``sum`` reads it once, accumulating in float32; its
+    result is rounded to ``x``'s dtype before the division (one rounding more, on C numbers)."""
+    return x.sum(dim=(2, 3), keepdim=True).div_(x.shape[2] * x.shape[3])
+
+
+def recording_graph() -> bool:
+    """Whether the forward is being recorded as a graph for export (TorchScript tracing,
+    ``torch.export``, ONNX). The CPU-only forms of the models depend on the input size or dtype;
+    there the plain operators are recorded, valid for any size."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
