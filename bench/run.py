@@ -52,6 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from memory import training_forward_bytes  # noqa: E402
 from naive import naive_multiscale  # noqa: E402
+from segkit.heap import keep_freed_memory  # noqa: E402
 from segkit.inference.multiscale import predict_multiscale, predict_single, resolve_max_batch  # noqa: E402
 from segkit.inference.options import InferenceOptions  # noqa: E402
 from segkit.inference.prepare import prepare_model  # noqa: E402
@@ -682,6 +683,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="windows per forward in segkit's multi-scale + flip (eval.max_batch; default auto)")
     p.add_argument("--no-naive", action="store_true",
                    help="leave out the naive multi-scale loop (the slowest part); multi-scale rows against segkit fp32")
+    p.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                   help="CPU: keep freed memory in the process (train/eval.keep_freed_memory, every stack) or "
+                        "glibc's default of fresh pages per large block")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--ms-rounds", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
@@ -708,6 +712,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.device == "cpu" and args.malloc == "keep":  # as train_seg.py / eval_seg.py do by default
+        keep_freed_memory()
     if args.peak_rss_child:  # a fresh process: its peak RSS is this stack's alone
         step = train_step(build(args.peak_rss_child, args), args.peak_rss_child, args)
         for _ in range(2):

@@ -165,6 +165,7 @@ class TrainSettings:
     amp: Optional[str] = setting(None, choices=AMP_CHOICES)
     channels_last: bool = False
     compile: bool = False
+    keep_freed_memory: bool = setting(True, doc="CPU: malloc keeps freed memory for reuse, no page faults per map (RSS stays at its peak)")
     # Both recompute in backward for less memory, with the same gradients; off, as the original.
     selective_recompute: bool = setting(False, doc="keep conv outputs, recompute BN/ReLU/attention in backward")
     grad_checkpointing: bool = setting(False, doc="recompute whole blocks and heads in backward")
@@ -199,6 +200,7 @@ class EvalSettings:
     channels_last: bool = True
     fold_bn: bool = True
     compile: bool = False
+    keep_freed_memory: bool = setting(True, doc="CPU: malloc keeps freed memory for reuse, no page faults per map (RSS stays at its peak)")
     device: str = setting("auto", choices=DEVICE_CHOICES)
     workers: int = setting(2, ge=0)
     progress: bool = True

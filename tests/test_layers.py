@@ -15,7 +15,7 @@ PACKAGE = Path(segkit.__file__).parent
 #: Bottom to top. A module belongs to the first prefix it starts with; each may import from its own
 #: layer and from the layers before it. data and models are one level: they import nothing of each other.
 LAYERS: list[tuple[str, ...]] = [
-    ("segkit.errors", "segkit.files", "segkit.distributed", "segkit.records", "segkit.download"),
+    ("segkit.errors", "segkit.files", "segkit.distributed", "segkit.records", "segkit.download", "segkit.heap"),
     ("segkit.data",),
     ("segkit.models",),
     ("segkit.settings",),

@@ -26,6 +26,7 @@ from segkit.evaluation.mask_export import MaskExporter, open_export_dir
 from segkit.evaluation.metrics import format_table
 from segkit.evaluation.report import REPORT_DIR, WorstImages, named_row, write_report
 from segkit.files import sha256_file, write_text_atomic
+from segkit.heap import keep_freed_memory
 from segkit.inference.masks import export_kinds
 from segkit.inference.options import InferenceOptions
 from segkit.inference.predictor import Predictor
@@ -128,6 +129,8 @@ def run_evaluation(job: EvalJob, options: InferenceOptions, ckpt: ModelCheckpoin
     :func:`segkit.config.inference_options`); returns the metrics record (None in prediction
     mode and on ranks other than 0)."""
     env = setup_distributed(job.eval.device, key="eval.device")
+    if job.eval.keep_freed_memory and env.device.type == "cpu":
+        keep_freed_memory()
     if job.predict.input is not None:
         with memory_explained(job, options):
             predict_folder(job, options, ckpt, env)

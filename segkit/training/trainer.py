@@ -35,6 +35,7 @@ from segkit.data.label_space import LabelSpace
 from segkit.distributed import Env, all_reduce, setup_distributed
 from segkit.errors import CheckpointError, ConfigError, OutOfResources, SegkitError
 from segkit.evaluation.loop import evaluate
+from segkit.heap import keep_freed_memory
 from segkit.inference.masks import comparison
 from segkit.inference.options import AUTOCAST_DTYPES, InferenceOptions
 from segkit.models.segmentor import Segmentor, build_segmentor
@@ -145,6 +146,8 @@ def build_training(job: TrainJob, run_dir: Path) -> TrainingParts:
     from first, so that a bad one stops the run before anything is written."""
     t = job.train
     env = setup_distributed(t.device)
+    if t.keep_freed_memory and env.device.type == "cpu":
+        keep_freed_memory()
     check_world_size(t, env.world_size)
     resume_path = resolve_resume(job.resume, run_dir)
     ckpt = checkpoint.load_training(resume_path) if resume_path else None
