@@ -1,7 +1,6 @@
 """A backbone of the ResNeSt family joined with the DeepLabV3 head (and the auxiliary FCN head)."""
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -40,7 +39,6 @@ def resize_logits(logits: torch.Tensor, size: Sequence[int], align_corners: bool
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=align_corners)
 
 
-@functools.lru_cache(maxsize=32)
 def _interpolation_matrix(n_in: int, n_out: int, align_corners: bool, dtype: torch.dtype,
                           device: torch.device) -> torch.Tensor:
     """``n_out x n_in``: row i holds the linear-interpolation weights of output position i, taken
