@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segkit.models.checkpointing import recomputed
-from segkit.models.maps import memory_format_of, spatial_mean
+from segkit.models.maps import memory_format_of, recording_graph, spatial_mean
 from segkit.models.norm import NormLayer, norm_pooled
 
 
@@ -77,8 +77,12 @@ class SplitAttention(nn.Module):
         # Inference: accumulate split by split instead of materialising the radix-times larger
         # product (4x faster on CPU in channels_last; with autograd the slices' backward costs more),
         # into a map in x's memory format (see memory_format_of: else the avd pool returns NCHW).
-        out = torch.empty_like(splits[:, 0], memory_format=memory_format_of(x))
-        torch.mul(splits[:, 0], attn[:, 0], out=out)
+        if recording_graph():
+            # A graph may be run with autograd on, which refuses out= arguments.
+            out = splits[:, 0] * attn[:, 0]
+        else:
+            out = torch.empty_like(splits[:, 0], memory_format=memory_format_of(x))
+            torch.mul(splits[:, 0], attn[:, 0], out=out)
         for r in range(1, self.radix):
             out.addcmul_(splits[:, r], attn[:, r])
         return out
