@@ -9,13 +9,14 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from bench.naive import naive_multiscale
 from eval_helpers import MEAN, STD, ConvNet, FakeDataset, PixelNet, StrideNet, multiscale, normalise
 from segkit.errors import ConfigError
 from segkit.evaluation.loop import evaluate
 from segkit.evaluation.metrics import ConfusionMatrix
-from segkit.inference.multiscale import predict_single, resolve_max_batch
+from segkit.inference.multiscale import predict_image, predict_single, probabilities, resolve_max_batch
 from segkit.inference.options import InferenceOptions
 from segkit.inference.prepare import prepare_model
 
@@ -153,6 +154,40 @@ def test_bf16_agrees_with_fp32(how):
     ms_reference = multiscale(prepare_model(copy.deepcopy(model), "cpu"), *args)
     ms = multiscale(bf16, *args, amp="bf16" if how == "autocast" else None)
     assert (ms.argmax(0) == ms_reference.argmax(0)).float().mean() > 0.9
+
+
+class _NCHWLogits(nn.Module):
+    """A model's logits copied to NCHW: the layout float32 models return."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.model(x)["out"].contiguous()}
+
+
+@pytest.mark.parametrize("options", [InferenceOptions(flip=True),
+                                     InferenceOptions(scales=(0.75, 1.0), flip=True),
+                                     InferenceOptions(scales=(0.75, 1.0), flip=True, fusion="original")])
+@torch.inference_mode()
+def test_bf16_scores_keep_the_classes_innermost(options):
+    # A CPU bf16 model returns its logits with the classes innermost (resized in channels_last); the
+    # softmax, the window accumulation, the resizes and the scale sum keep that layout and compute
+    # what they compute on NCHW logits, up to float rounding. float32 keeps NCHW.
+    model = _calibrated_segmentor()
+    image = torch.randn(3, 64, 80, generator=torch.Generator().manual_seed(3))
+    geometry = dict(base_size=64, crop_size=48, num_classes=7)
+    bf16_model = prepare_model(copy.deepcopy(model), "cpu", InferenceOptions(dtype="bf16"))
+    bf16 = predict_image(bf16_model, image, options, **geometry)
+    nchw = predict_image(_NCHWLogits(bf16_model), image, options, **geometry)
+    fp32 = predict_image(prepare_model(copy.deepcopy(model), "cpu"), image, options, **geometry)
+    assert bf16.stride(0) == 1 and nchw.is_contiguous() and fp32.is_contiguous()
+    assert bf16.shape == fp32.shape == (7, 64, 80)
+    torch.testing.assert_close(bf16, nchw, rtol=1e-5, atol=1e-5)
+    probs = probabilities(bf16, options)
+    torch.testing.assert_close(probs.sum(0), torch.ones(64, 80))
+    assert (probs.argmax(0) == fp32.argmax(0)).float().mean() > 0.9
 
 
 @torch.inference_mode()

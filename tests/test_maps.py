@@ -1,6 +1,6 @@
 """The models' own feature maps: new maps keep the model's memory format (no NHWC -> NCHW -> NHWC
-round trips in a channels_last forward), global pooling reads a map once, and the full-size
-resize of bf16 logits on CPU runs as two matrix products in float32, equal to F.interpolate."""
+round trips in a channels_last forward), global pooling reads a map once, the full-size resize of
+bf16 logits on CPU runs in float32 and channels_last, and the softmax over classes takes either layout."""
 import copy
 
 import pytest
@@ -10,9 +10,9 @@ from torch import nn
 
 from segkit.inference.options import InferenceOptions
 from segkit.inference.prepare import prepare_model
-from segkit.models.maps import memory_format_of, spatial_mean
+from segkit.models.maps import class_softmax, memory_format_of, spatial_mean
 from segkit.models.resnest import SplitAttention, create_backbone
-from segkit.models.segmentor import Segmentor, resize_by_matmul, resize_logits
+from segkit.models.segmentor import Segmentor, resize_logits
 
 
 def test_memory_format_of_reads_the_layout_at_batch_one():
@@ -67,31 +67,51 @@ def test_a_channels_last_forward_feeds_every_conv_a_channels_last_map(dtype):
     assert len(inputs) > 20 and nchw == []
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("align_corners", [True, False])
-@pytest.mark.parametrize("sizes", [((32, 32), (256, 256)), ((8, 11), (64, 85)), ((7, 5), (13, 29)), ((9, 6), (4, 5))])
-def test_resize_by_matmul_is_bilinear_interpolation(sizes, align_corners):
-    (h, w), size = sizes
-    x = torch.randn(2, 3, h, w, dtype=torch.float64, requires_grad=True)
-    ours = resize_by_matmul(x, size, align_corners)
-    theirs = F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
-    grad = torch.randn_like(ours)
-    torch.testing.assert_close(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(theirs, x, grad)[0],
-                               rtol=0, atol=1e-12)
-
-
+@pytest.mark.parametrize("sizes", [((32, 32), (256, 256)), ((8, 11), (64, 85)), ((9, 6), (4, 5))])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_bf16_logits_are_resized_in_float32_on_cpu(autocast):
-    logits = torch.randn(1, 6, 8, 11).bfloat16().contiguous(memory_format=torch.channels_last)
+def test_half_logits_are_resized_in_float32_channels_last_on_cpu(dtype, align_corners, sizes, autocast):
+    (h, w), size = sizes
+    logits = torch.randn(2, 6, h, w).to(dtype)
+    small = logits.detach().requires_grad_()
     with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-        out = resize_logits(logits, (64, 85), True)
-    assert out.dtype == torch.float32 and out.is_contiguous()
-    expected = F.interpolate(logits.float(), size=(64, 85), mode="bilinear", align_corners=True)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    same = torch.randn(1, 6, 8, 11)
+        out = resize_logits(small, size, align_corners)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    ref = logits.double().requires_grad_()
+    expected = F.interpolate(ref, size=size, mode="bilinear", align_corners=align_corners)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    grad = torch.randn(expected.shape, dtype=torch.float64)
+    got = torch.autograd.grad(out, small, grad.float())[0]
+    assert got.dtype == dtype
+    want = torch.autograd.grad(expected, ref, grad)[0]
+    torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+def test_float32_logits_keep_the_nchw_resize():
+    same = torch.randn(1, 6, 8, 11).contiguous(memory_format=torch.channels_last)
     assert resize_logits(same, (8, 11), True) is same
-    assert torch.equal(resize_logits(same, (64, 85), False),
-                       F.interpolate(same, size=(64, 85), mode="bilinear", align_corners=False))
+    out = resize_logits(same, (64, 85), False)
+    assert out.is_contiguous()  # NCHW, bit for bit F.interpolate's NCHW kernel
+    assert torch.equal(out, F.interpolate(same.contiguous(), size=(64, 85), mode="bilinear", align_corners=False))
+
+
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("dim, shape", [(1, (2, 7, 5, 6)), (-3, (7, 5, 6)), (0, (7, 4, 3))])
+def test_class_softmax_takes_either_layout(log, dim, shape):
+    x = torch.randn(shape, dtype=torch.float64) * 5
+    expected = F.log_softmax(x, dim) if log else F.softmax(x, dim)
+    nchw = class_softmax(x, dim, log=log)
+    assert torch.equal(nchw, expected)  # NCHW: the plain softmax itself
+    # Classes innermost: the permuted view's softmax, in that layout, equal up to rounding.
+    inner = x.movedim(dim, -1).contiguous().movedim(-1, dim)
+    out = class_softmax(inner, dim, log=log)
+    assert out.stride(dim) == 1
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    # A cropped view of such a map as well (the multi-scale windows are cropped to the image).
+    crop = (slice(None),) * (x.dim() - 2) + (slice(0, 3), slice(1, 4))
+    torch.testing.assert_close(class_softmax(inner[crop], dim, log=log),
+                               F.log_softmax(x[crop], dim) if log else F.softmax(x[crop], dim), rtol=1e-12, atol=1e-12)
 
 
 def test_a_traced_bf16_model_records_the_interpolation():
@@ -99,9 +119,9 @@ def test_a_traced_bf16_model_records_the_interpolation():
         return resize_logits(x, (x.shape[-2] * 8, x.shape[-1] * 8), True)
 
     x = torch.randn(1, 3, 4, 5).bfloat16()
-    traced = torch.jit.trace(fn, x, check_trace=False)  # eager takes the matrix products: rounding differs
-    assert "upsample_bilinear2d" in str(traced.graph) and "matmul" not in str(traced.graph)
-    assert traced(x).dtype == torch.float32
+    traced = torch.jit.trace(fn, x, check_trace=False)  # eager resizes in channels_last: rounding differs
+    assert "upsample_bilinear2d" in str(traced.graph)
+    assert traced(x).dtype == torch.float32 and traced(x).is_contiguous()  # NCHW, as ONNX expects
     torch.testing.assert_close(traced(x), fn(x), rtol=1e-5, atol=1e-5)
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segkit.inference.options import AutocastDtype, InferenceOptions, torch_dtype
+from segkit.models.maps import class_softmax
 
 PadValue = float | Sequence[float]
 
@@ -46,6 +47,11 @@ def _resize(x: torch.Tensor, size: tuple[int, int], align_corners: bool) -> torc
     """Bilinear resize of ``x`` (N x C x h x w) to ``size``; a no-op at the same size."""
     if tuple(x.shape[-2:]) == size:
         return x
+    if x.shape[1] > 1 and x.stride(1) == 1:
+        # Classes innermost (see _ScaleView.add): kept so in a fresh channels_last map. F.interpolate
+        # reads a cropped view, or any at batch 1 with a batch stride other than h * w * C, as NCHW
+        # (its slower kernel), and contiguous() does not rewrite a batch-1 stride.
+        x = torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
     return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
 
 
@@ -58,7 +64,11 @@ def _log_resize(log_x: torch.Tensor, size: tuple[int, int], align_corners: bool)
     however large the values are. The weights are PyTorch's own: they are read off
     ``F.interpolate`` applied to an identity matrix, one axis at a time.
     """
-    for dim, (length, target) in enumerate(zip(log_x.shape[-2:], size), start=1):
+    # Classes innermost (see _ScaleView.add) stay so: the axes are taken on the H x W x C view
+    # (index_select returns its result in the view's order).
+    inner = log_x.shape[0] > 1 and log_x.stride(0) == 1
+    maps = log_x.movedim(0, -1) if inner else log_x
+    for dim, (length, target) in enumerate(zip(log_x.shape[-2:], size), start=0 if inner else 1):
         if length == target:
             continue
         eye = torch.eye(length, dtype=torch.float32, device=log_x.device).view(1, length, length, 1)
@@ -71,9 +81,9 @@ def _log_resize(log_x: torch.Tensor, size: tuple[int, int], align_corners: bool)
         w1 = torch.where(second > first, weights.gather(1, second[:, None])[:, 0], 0.0)
         shape = [1, 1, 1]
         shape[dim] = target
-        log_x = torch.logaddexp(log_x.index_select(dim, first) + w0.log().view(shape),
-                                log_x.index_select(dim, second) + w1.log().view(shape))
-    return log_x
+        maps = torch.logaddexp(maps.index_select(dim, first) + w0.log().view(shape),
+                               maps.index_select(dim, second) + w1.log().view(shape))
+    return maps.movedim(-1, 0) if inner else maps
 
 
 def _forward(model: nn.Module, x: torch.Tensor, amp: AutocastDtype) -> torch.Tensor:
@@ -190,7 +200,10 @@ class _ScaleView:
             out = first + out  # l + l_flipped
         if self.acc is None:
             fill = 0.0 if self.fusion == "softmax" else -math.inf
-            self.acc = out.new_full((out.shape[0], *self.image.shape[-2:]), fill)
+            # In the windows' layout (classes innermost after a CPU bf16 model, see
+            # segkit.models.segmentor.resize_logits), so that adding a window reads and writes in order.
+            self.acc = out.new_full((*self.image.shape[-2:], out.shape[0]), fill).permute(2, 0, 1) \
+                if out.stride(0) == 1 else out.new_full((out.shape[0], *self.image.shape[-2:]), fill)
         region = self.acc[:, y:y + hy, x:x + wx]
         if self.fusion == "softmax":
             region += out
@@ -278,7 +291,7 @@ def predict_multiscale(model: nn.Module, image: torch.Tensor, options: Inference
         batch = torch.stack([view.window(box, mirrored) for view, box, mirrored in chunk])
         out = _forward(model, batch, options.amp)
         if fusion == "softmax":
-            out = out.softmax(1)
+            out = class_softmax(out)
         for scores, (view, box, mirrored) in zip(out, chunk):
             view.add(scores, box, mirrored)
             if view.pending == 0:
@@ -329,7 +342,7 @@ def predict_image(model: nn.Module, image: torch.Tensor, options: InferenceOptio
     logits = predict_single(model, torch.cat([batch, batch.flip(-1)]), pad_multiple=pad_multiple,
                             pad_value=pad_value, amp=options.amp)
     n = len(batch)
-    scores = logits[:n].softmax(1) + logits[n:].flip(-1).softmax(1)
+    scores = class_softmax(logits[:n]) + class_softmax(logits[n:].flip(-1))
     return scores if image.dim() == 4 else scores[0]
 
 
@@ -337,5 +350,5 @@ def probabilities(scores: torch.Tensor, options: InferenceOptions) -> torch.Tens
     """Class probabilities (summing to 1 over the class dimension, the one before H x W) from the
     scores :func:`predict_image` returned for the same ``options``."""
     if options.fusion == "original" or (options.scales is None and not options.flip):  # logits, or their log
-        return scores.softmax(-3)
+        return class_softmax(scores, -3)
     return scores / ((len(options.scales) if options.scales is not None else 1) * (2 if options.flip else 1))

@@ -1,8 +1,10 @@
-"""Helpers for the models' feature maps: the memory format of new maps, global pooling, and whether
-a graph is being recorded (where the models keep their plain, size-independent operators)."""
+"""Helpers for the models' feature maps: the memory format of new maps, global pooling, the softmax
+over classes in either layout, and whether a graph is being recorded (where the models keep their
+plain, size-independent operators)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
@@ -19,6 +21,19 @@ def spatial_mean(x: torch.Tensor) -> torch.Tensor:
     copies the whole map to float32, where ``sum`` reads it once, accumulating in float32; its
     result is rounded to ``x``'s dtype before the division (one rounding more, on C numbers)."""
     return x.sum(dim=(2, 3), keepdim=True).div_(x.shape[2] * x.shape[3])
+
+
+def class_softmax(x: torch.Tensor, dim: int = 1, *, log: bool = False) -> torch.Tensor:
+    """``x.softmax(dim)`` (``log_softmax`` with ``log``) over the class dimension ``dim`` of a map
+    in either layout. When the classes are innermost in memory (a channels_last map), the softmax
+    runs over them as the last dimension of the permuted view and the result keeps that layout: on
+    CPU, softmax over a dimension that is not the last first copies a channels_last map to NCHW
+    (several times slower than either layout's own kernel, bench/NOTES.md). The values are the
+    same up to float rounding (the sum runs in another order)."""
+    softmax = F.log_softmax if log else F.softmax
+    if x.dim() > 1 and x.stride(dim) == 1 and x.shape[dim] > 1 and not x.is_contiguous():
+        return softmax(x.movedim(dim, -1), -1).movedim(-1, dim)
+    return softmax(x, dim)
 
 
 def recording_graph() -> bool:

@@ -21,42 +21,23 @@ if TYPE_CHECKING:
 def resize_logits(logits: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:
     """``logits`` resized bilinearly to ``size`` (H, W), or as they are when already that size.
 
-    On CPU, bf16 / fp16 logits are resized in float32 (the result is float32) as two matrix products
-    (:func:`resize_by_matmul`): the CPU's bilinear kernels are slow for 150-class maps, several times
-    slower in bf16 than in float32 and slower still in backward (bench/NOTES.md), and evaluation
-    and the cross-entropy take the full-size map to float32 anyway. float32 logits and GPUs keep
-    ``F.interpolate``, and so do graph exports.
+    On CPU, bf16 / fp16 logits are resized in float32 (the result is float32) and in channels_last:
+    the CPU's bilinear kernels are several times slower in bf16 than in float32 and, for NCHW maps,
+    slower again than for channels_last (forward and backward, bench/NOTES.md); evaluation and the
+    cross-entropy take the full-size map to float32 anyway. The result then has its classes
+    innermost: take the softmax over them with :func:`segkit.models.maps.class_softmax`. float32
+    logits, GPUs and graph exports keep the NCHW resize, so float32 numbers do not change.
     """
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
-    # NCHW logits whatever the model's memory format: the softmax / cross-entropy over classes
-    # that follows is 2-4x slower on a channels_last tensor (CPU), and this copies the small map.
-    logits = logits.contiguous()
-    if logits.device.type == "cpu" and logits.dtype in (torch.bfloat16, torch.float16):
-        logits = logits.float()
-        if not recording_graph():
-            return resize_by_matmul(logits, size, align_corners)
+    half = logits.device.type == "cpu" and logits.dtype in (torch.bfloat16, torch.float16)
+    if half and not recording_graph():
+        logits = logits.to(torch.float32, memory_format=torch.channels_last)
+    else:
+        # NCHW whatever the model's memory format: the softmax over classes that follows
+        # (F.softmax, F.cross_entropy) is several times slower on a channels_last tensor (CPU).
+        logits = logits.contiguous().float() if half else logits.contiguous()
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=align_corners)
-
-
-def _interpolation_matrix(n_in: int, n_out: int, align_corners: bool, dtype: torch.dtype,
-                          device: torch.device) -> torch.Tensor:
-    """``n_out x n_in``: row i holds the linear-interpolation weights of output position i, taken
-    from ``F.interpolate`` itself (of the identity), so the sampling convention is PyTorch's."""
-    eye = torch.eye(n_in, dtype=torch.float64, device=device)[None]
-    weights = F.interpolate(eye, size=n_out, mode="linear", align_corners=align_corners)[0]
-    return weights.t().to(dtype).contiguous()
-
-
-def resize_by_matmul(x: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:
-    """``F.interpolate(x, size, mode="bilinear", align_corners=align_corners)`` for an NCHW ``x``
-    as ``A_h @ x @ A_w^T`` (rows, then columns), up to float rounding; differentiable, its backward
-    two matrix products too."""
-    (h, w), (out_h, out_w) = x.shape[-2:], size
-    a_h = _interpolation_matrix(h, out_h, align_corners, x.dtype, x.device)
-    a_w = _interpolation_matrix(w, out_w, align_corners, x.dtype, x.device)
-    with torch.autocast(x.device.type, enabled=False):  # in x's dtype, also under autocast
-        return torch.matmul(a_h, torch.matmul(x, a_w.t()))
 
 
 class Segmentor(nn.Module):

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segkit.errors import ConfigError
+from segkit.models.maps import class_softmax
 from segkit.models.segmentor import resize_logits
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ class _PixelCrossEntropy(torch.autograd.Function):
             x = resize_logits(logits, target.shape[-2:], align_corners)
             x = x.to(torch.promote_types(x.dtype, torch.float32))
             picked = x.gather(1, index)
-            log_p = F.log_softmax(x, dim=1).gather(1, index)
+            log_p = class_softmax(x, log=True).gather(1, index)
         ctx.save_for_backward(logits, (picked - log_p).squeeze(1), target)
         ctx.ignore_index, ctx.align_corners = ignore_index, align_corners
         return torch.where(valid, -log_p.squeeze(1), 0.0)
