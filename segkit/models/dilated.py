@@ -63,10 +63,6 @@ def dilated_conv3x3_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     # unbind's backward stacks the taps' gradients once instead of scattering each into a full one.
     taps = weight.permute(2, 3, 1, 0).reshape(9, c, cout).unbind(0)
 
-    def tap(k: int) -> torch.Tensor:
-        # A batched GEMM reads a broadcast strided matrix slowly: copy the taps it uses (C x Cout each).
-        return taps[k] if n == 1 else taps[k].contiguous().expand(n, c, cout)
-
     out = xh.reshape(n * h * w, c) @ taps[4]  # centre tap: every pixel, fills the output
     if bias is not None:
         out += bias
@@ -84,16 +80,15 @@ def dilated_conv3x3_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             x0, x1 = _span(dx, w)
             if (ky, kx) == (1, 1) or x0 >= x1:
                 continue
-            matrix = tap(3 * ky + kx)
-            if dx == 0:  # whole rows: accumulate inside the GEMM
-                acc = rows.view(n, (y1 - y0) * w, cout)
-                if n == 1:
-                    acc[0].addmm_(band[0], matrix)
-                else:
-                    acc.baddbmm_(band, matrix)
-            else:  # the GEMM over whole rows, then the shifted columns of its result
-                partial = torch.matmul(band, matrix).view(n, y1 - y0, w, cout)
-                rows[:, :, x0:x1] += partial[:, :, x0 + dx:x1 + dx]
+            matrix = taps[3 * ky + kx]
+            # Image by image: a GEMM reads the strided tap as it is, where a batched GEMM needs it
+            # copied and broadcast (slower, bench/NOTES.md).
+            for i in range(n):
+                if dx == 0:  # whole rows: accumulate inside the GEMM
+                    rows[i].view((y1 - y0) * w, cout).addmm_(band[i], matrix)
+                else:  # the GEMM over whole rows, then the shifted columns of its result
+                    partial = (band[i] @ matrix).view(y1 - y0, w, cout)
+                    rows[i, :, x0:x1] += partial[:, x0 + dx:x1 + dx]
     return out.permute(0, 3, 1, 2)
 
 
