@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segkit.inference.options import AutocastDtype, InferenceOptions, torch_dtype
-from segkit.models.maps import class_softmax
+from segkit.models.maps import class_softmax, classes_innermost
 
 PadValue = float | Sequence[float]
 
@@ -47,7 +47,7 @@ def _resize(x: torch.Tensor, size: tuple[int, int], align_corners: bool) -> torc
     """Bilinear resize of ``x`` (N x C x h x w) to ``size``; a no-op at the same size."""
     if tuple(x.shape[-2:]) == size:
         return x
-    if x.shape[1] > 1 and x.stride(1) == 1:
+    if classes_innermost(x, 1):
         # Classes innermost (see _ScaleView.add): kept so in a fresh channels_last map. F.interpolate
         # reads a cropped view, or any at batch 1 with a batch stride other than h * w * C, as NCHW
         # (its slower kernel), and contiguous() does not rewrite a batch-1 stride.
@@ -66,7 +66,7 @@ def _log_resize(log_x: torch.Tensor, size: tuple[int, int], align_corners: bool)
     """
     # Classes innermost (see _ScaleView.add) stay so: the axes are taken on the H x W x C view
     # (index_select returns its result in the view's order).
-    inner = log_x.shape[0] > 1 and log_x.stride(0) == 1
+    inner = classes_innermost(log_x, 0)
     maps = log_x.movedim(0, -1) if inner else log_x
     for dim, (length, target) in enumerate(zip(log_x.shape[-2:], size), start=0 if inner else 1):
         if length == target:
@@ -203,7 +203,7 @@ class _ScaleView:
             # In the windows' layout (classes innermost after a CPU bf16 model, see
             # segkit.models.segmentor.resize_logits), so that adding a window reads and writes in order.
             self.acc = out.new_full((*self.image.shape[-2:], out.shape[0]), fill).permute(2, 0, 1) \
-                if out.stride(0) == 1 else out.new_full((out.shape[0], *self.image.shape[-2:]), fill)
+                if classes_innermost(out, 0) else out.new_full((out.shape[0], *self.image.shape[-2:]), fill)
         region = self.acc[:, y:y + hy, x:x + wx]
         if self.fusion == "softmax":
             region += out

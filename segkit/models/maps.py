@@ -23,6 +23,12 @@ def spatial_mean(x: torch.Tensor) -> torch.Tensor:
     return x.sum(dim=(2, 3), keepdim=True).div_(x.shape[2] * x.shape[3])
 
 
+def classes_innermost(x: torch.Tensor, dim: int) -> bool:
+    """Whether the class dimension ``dim`` of map ``x`` is innermost in memory (a channels_last map,
+    or a view of one) rather than NCHW."""
+    return x.shape[dim] > 1 and x.stride(dim) == 1 and not x.is_contiguous()
+
+
 def class_softmax(x: torch.Tensor, dim: int = 1, *, log: bool = False) -> torch.Tensor:
     """``x.softmax(dim)`` (``log_softmax`` with ``log``) over the class dimension ``dim`` of a map
     in either layout. When the classes are innermost in memory (a channels_last map), the softmax
@@ -31,7 +37,7 @@ def class_softmax(x: torch.Tensor, dim: int = 1, *, log: bool = False) -> torch.
     (several times slower than either layout's own kernel, bench/NOTES.md). The values are the
     same up to float rounding (the sum runs in another order)."""
     softmax = F.log_softmax if log else F.softmax
-    if x.dim() > 1 and x.stride(dim) == 1 and x.shape[dim] > 1 and not x.is_contiguous():
+    if x.dim() > 1 and classes_innermost(x, dim):
         return softmax(x.movedim(dim, -1), -1).movedim(-1, dim)
     return softmax(x, dim)
 
